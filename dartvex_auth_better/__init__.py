@@ -1,0 +1,55 @@
+"""dartvex_auth_better: sign in to Better Auth and stay authenticated on a live Convex
+connection, from asyncio.
+
+The whole public API is importable from this package; submodules are private.
+"""
+
+from ._errors import (
+    AuthRejectedError,
+    BetterAuthError,
+    BetterAuthResponseError,
+    ClientClosedError,
+    ConnectionLostError,
+    ConvexError,
+    DartvexError,
+    InvalidCredentialsError,
+    InvalidTokenError,
+    ProtocolError,
+    RateLimitedError,
+    RequestTimeoutError,
+    ServerFatalError,
+    SessionExpiredError,
+    TransportError,
+    UserAlreadyExistsError,
+)
+from ._version import __version__
+from .better_auth._client import BetterAuthClient
+from .better_auth._session import BetterAuthSession
+from .convex._client import ConnectionState, ConvexClient, Subscription
+from .convex._values import Int64
+
+__all__ = (
+    "AuthRejectedError",
+    "BetterAuthClient",
+    "BetterAuthError",
+    "BetterAuthResponseError",
+    "BetterAuthSession",
+    "ClientClosedError",
+    "ConnectionLostError",
+    "ConnectionState",
+    "ConvexClient",
+    "ConvexError",
+    "DartvexError",
+    "Int64",
+    "InvalidCredentialsError",
+    "InvalidTokenError",
+    "ProtocolError",
+    "RateLimitedError",
+    "RequestTimeoutError",
+    "ServerFatalError",
+    "SessionExpiredError",
+    "Subscription",
+    "TransportError",
+    "UserAlreadyExistsError",
+    "__version__",
+)

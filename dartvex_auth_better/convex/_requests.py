@@ -1,0 +1,154 @@
+"""Mutations and actions in flight, and what happens to them across reconnects.
+
+A mutation's future resolves only when its write is visible: after its successful
+MutationResponse *and* a Transition whose end timestamp reaches the mutation's ``ts``.
+On reconnect every unresolved mutation is sent again (the server de-duplicates by session
+id and request id); an action that was already sent fails with ``ConnectionLostError``,
+because actions are not idempotent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import msgspec
+
+from .._errors import ConnectionLostError, ConvexError, DartvexError
+from ._protocol import ActionMsg, ActionResponse, MutationMsg, MutationResponse, decode_ts
+from ._values import decode_value
+
+__all__ = ["Request", "RequestManager"]
+
+
+@dataclass(slots=True, eq=False)
+class Request:
+    message: MutationMsg | ActionMsg
+    future: asyncio.Future[Any]
+    # not_sent: waiting for a socket; sent: on the wire; completed: mutation succeeded,
+    # waiting for a Transition to reach `ts`.
+    status: Literal["not_sent", "sent", "completed"] = "not_sent"
+    ts: int = 0
+    result: msgspec.Raw | None = None
+
+    @property
+    def is_mutation(self) -> bool:
+        return isinstance(self.message, MutationMsg)
+
+
+class RequestManager:
+    def __init__(self) -> None:
+        self._next_request_id = 0
+        self._inflight: dict[int, Request] = {}
+
+    def __len__(self) -> int:
+        return len(self._inflight)
+
+    def new_request(
+        self, kind: Literal["mutation", "action"], udf_path: str, args: list[Any]
+    ) -> Request:
+        request_id = self._next_request_id
+        self._next_request_id += 1
+        msg: MutationMsg | ActionMsg
+        if kind == "mutation":
+            msg = MutationMsg(request_id=request_id, udf_path=udf_path, args=args)
+        else:
+            msg = ActionMsg(request_id=request_id, udf_path=udf_path, args=args)
+        request = Request(msg, asyncio.get_running_loop().create_future())
+        self._inflight[request_id] = request
+        return request
+
+    def forget(self, request: Request) -> None:
+        """Drop a request whose caller went away (cancelled)."""
+        self._inflight.pop(request.message.request_id, None)
+
+    def mark_sent(self, request_id: int) -> None:
+        request = self._inflight.get(request_id)
+        if request is not None and request.status == "not_sent":
+            request.status = "sent"
+
+    def on_response(self, msg: MutationResponse | ActionResponse, observed_ts: int) -> None:
+        request = self._inflight.get(msg.request_id)
+        if request is None or request.status == "completed":
+            return  # a duplicate answer to a re-sent mutation, or a cancelled caller
+        if not msg.success:
+            del self._inflight[msg.request_id]
+            _fail(request, _function_error(msg))
+            return
+        if isinstance(msg, ActionResponse):
+            del self._inflight[msg.request_id]
+            _succeed(request, msg.result)
+            return
+        assert msg.ts is not None  # the decoder rejects a successful response without ts
+        request.status = "completed"
+        request.ts = decode_ts(msg.ts)
+        request.result = msg.result
+        if request.ts <= observed_ts:
+            del self._inflight[msg.request_id]
+            _succeed(request, request.result)
+
+    def on_transition(self, ts: int) -> None:
+        """Resolve every completed mutation whose write this Transition made visible."""
+        done = [rid for rid, r in self._inflight.items() if r.status == "completed" and r.ts <= ts]
+        for rid in done:
+            request = self._inflight.pop(rid)
+            _succeed(request, request.result)
+
+    def restart(self) -> list[MutationMsg | ActionMsg]:
+        """What to send on a new socket, in request order; fails actions already sent."""
+        to_send: list[MutationMsg | ActionMsg] = []
+        for rid in sorted(self._inflight):
+            request = self._inflight[rid]
+            if request.is_mutation:
+                to_send.append(request.message)
+            elif request.status == "sent":
+                del self._inflight[rid]
+                _fail(
+                    request,
+                    ConnectionLostError(
+                        f"connection lost while action {request.message.udf_path!r} was in "
+                        "flight; it may or may not have run"
+                    ),
+                )
+            else:
+                to_send.append(request.message)
+        return to_send
+
+    def has_outstanding(self, request_ids: set[int]) -> bool:
+        return any(rid in self._inflight for rid in request_ids)
+
+    def outstanding_ids(self) -> set[int]:
+        return set(self._inflight)
+
+    def fail_all(self, error: DartvexError) -> None:
+        requests = list(self._inflight.values())
+        self._inflight.clear()
+        for request in requests:
+            _fail(request, error)
+
+
+def _function_error(msg: MutationResponse | ActionResponse) -> ConvexError:
+    try:
+        decoded = msgspec.json.decode(msg.result)
+    except msgspec.DecodeError:
+        decoded = None
+    message = decoded if isinstance(decoded, str) else "function failed"
+    data = decode_value(msgspec.json.decode(msg.error_data)) if msg.error_data is not None else None
+    return ConvexError(message, data=data, log_lines=msg.log_lines)
+
+
+def _succeed(request: Request, raw: msgspec.Raw | None) -> None:
+    if request.future.done():
+        return
+    try:
+        value = decode_value(msgspec.json.decode(raw)) if raw is not None else None
+    except (msgspec.DecodeError, DartvexError) as exc:
+        request.future.set_exception(exc)
+        return
+    request.future.set_result(value)
+
+
+def _fail(request: Request, error: BaseException) -> None:
+    if not request.future.done():
+        request.future.set_exception(error)

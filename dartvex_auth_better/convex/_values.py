@@ -1,0 +1,174 @@
+"""The Convex JSON value codec.
+
+Convex values travel as JSON with a few tagged objects for what JSON cannot carry:
+``{"$integer": b64}`` for int64, ``{"$float": b64}`` for NaN, the infinities and -0.0,
+``{"$bytes": b64}`` for binary data.
+
+Python mapping (the int policy, decided once):
+
+* ``None``, ``bool``, ``str`` map to themselves.
+* A plain Python ``int`` is a Convex **float64** number, as in the JS client. It must be
+  exactly representable as a float64 (|n| <= 2**53, or any power-of-two-ish value that
+  survives the round trip); otherwise encoding raises ``ValueError`` rather than silently
+  losing precision.
+* ``Int64(n)`` is a Convex **int64** (``v.int64()``), sent as ``$integer``. Decoding an
+  ``$integer`` gives an ``Int64``, so values round-trip with their type.
+* A JSON number decodes as ``int`` when it has no fraction or exponent, else ``float``.
+* ``float`` NaN, +-inf and -0.0 use ``$float``; ``bytes``/``bytearray``/``memoryview`` use
+  ``$bytes`` and decode as ``bytes``; lists and tuples are arrays; dicts with ``str`` keys
+  are objects (keys sorted on the wire, as the JS client sends them).
+"""
+
+from __future__ import annotations
+
+import base64
+import math
+import struct
+from collections.abc import Mapping
+from typing import Any
+
+from .._errors import ProtocolError
+
+__all__ = ["Int64", "decode_value", "encode_args", "encode_value"]
+
+_INT64_MIN = -(2**63)
+_INT64_MAX = 2**63 - 1
+_MAX_FIELD_NAME = 1024
+_SPECIAL_KEYS = frozenset({"$integer", "$float", "$bytes", "$commitTs"})
+_RETIRED_KEYS = frozenset({"$set", "$map"})
+
+
+class Int64(int):
+    """An integer sent to Convex as int64 (``v.int64()``) instead of float64."""
+
+    __slots__ = ()
+
+    def __new__(cls, value: int = 0) -> Int64:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError(f"Int64 takes an int, not {type(value).__name__}")
+        if not _INT64_MIN <= value <= _INT64_MAX:
+            raise ValueError(f"{value} is outside the int64 range")
+        return super().__new__(cls, value)
+
+    def __repr__(self) -> str:
+        return f"Int64({int(self)})"
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
+
+
+def _unb64(text: object, what: str) -> bytes:
+    if not isinstance(text, str):
+        raise ProtocolError(f"{what} payload must be a base64 string")
+    try:
+        return base64.b64decode(text, validate=True)
+    except ValueError as exc:
+        raise ProtocolError(f"{what} payload is not valid base64") from exc
+
+
+def _check_field_name(name: object, exc_type: type[Exception]) -> str:
+    if not isinstance(name, str):
+        raise exc_type(f"object keys must be strings, not {type(name).__name__}")
+    if len(name) > _MAX_FIELD_NAME:
+        raise exc_type(f"field name longer than {_MAX_FIELD_NAME} characters")
+    if name.startswith("$"):
+        raise exc_type(f"field name {name[:40]!r} must not start with '$'")
+    for ch in name:
+        if not " " <= ch <= "~":
+            raise exc_type(f"field name {name[:40]!r} must be printable ASCII")
+    return name
+
+
+def encode_value(value: Any) -> Any:
+    """Turn a Python value into the JSON-compatible structure Convex expects.
+
+    Raises ``TypeError`` for a type Convex cannot hold and ``ValueError`` for a value out
+    of range or a bad field name.
+    """
+    if value is None or value is True or value is False or isinstance(value, str):
+        return value
+    if isinstance(value, Int64):
+        return {"$integer": _b64(struct.pack("<q", value))}
+    if isinstance(value, int):
+        as_float = float(value) if abs(value) < 2**1024 else math.inf
+        if math.isinf(as_float) or int(as_float) != value:
+            raise ValueError(
+                f"int {value} cannot be sent as a float64 without losing precision; "
+                "wrap it in Int64(...) to send a Convex int64"
+            )
+        return value
+    if isinstance(value, float):
+        if math.isnan(value) or math.isinf(value) or (value == 0.0 and math.copysign(1, value) < 0):
+            return {"$float": _b64(struct.pack("<d", value))}
+        return value
+    if isinstance(value, bytes | bytearray | memoryview):
+        return {"$bytes": _b64(bytes(value))}
+    if isinstance(value, list | tuple):
+        return [encode_value(item) for item in value]
+    if isinstance(value, Mapping):
+        out: dict[str, Any] = {}
+        for key in sorted(value, key=_sort_key):
+            out[_check_field_name(key, ValueError)] = encode_value(value[key])
+        return out
+    raise TypeError(f"cannot send a {type(value).__name__} to Convex")
+
+
+def _sort_key(key: object) -> str:
+    if not isinstance(key, str):
+        raise TypeError(f"object keys must be strings, not {type(key).__name__}")
+    # JS sorts by UTF-16 code units; for the printable-ASCII names Convex allows this is
+    # the same as Python's code-point order.
+    return key
+
+
+def encode_args(args: Mapping[str, Any] | None) -> list[Any]:
+    """Encode function arguments as the one-element array the wire format uses."""
+    if args is None:
+        return [{}]
+    if not isinstance(args, Mapping):
+        raise TypeError(f"function arguments must be a mapping, not {type(args).__name__}")
+    return [encode_value(args)]
+
+
+def decode_value(value: Any) -> Any:
+    """Turn a decoded JSON structure from Convex into Python values.
+
+    Raises ``ProtocolError`` when the server sent something that is not a valid Convex
+    value (a finite ``$float``, an ``$integer`` of the wrong length, a retired ``$set``).
+    """
+    if isinstance(value, list):
+        return [decode_value(item) for item in value]
+    if isinstance(value, dict):
+        if len(value) == 1:
+            ((key, payload),) = value.items()
+            if key in _SPECIAL_KEYS:
+                return _decode_special(key, payload)
+            if key in _RETIRED_KEYS:
+                raise ProtocolError(f"{key} values are no longer supported by Convex")
+        return {_check_field_name(k, ProtocolError): decode_value(v) for k, v in value.items()}
+    return value
+
+
+def _decode_special(key: str, payload: object) -> Any:
+    if key == "$integer":
+        raw = _unb64(payload, key)
+        if len(raw) != 8:
+            raise ProtocolError("$integer payload must be exactly 8 bytes")
+        return Int64(struct.unpack("<q", raw)[0])
+    if key == "$float":
+        raw = _unb64(payload, key)
+        if len(raw) != 8:
+            raise ProtocolError("$float payload must be exactly 8 bytes")
+        number: float = struct.unpack("<d", raw)[0]
+        if not (math.isnan(number) or math.isinf(number) or _is_negative_zero(number)):
+            raise ProtocolError("$float must only carry NaN, infinities or -0.0")
+        return number
+    if key == "$bytes":
+        return _unb64(payload, key)
+    # "$commitTs": a placeholder the server fills in; it has no Python meaning yet.
+    return None
+
+
+def _is_negative_zero(number: float) -> bool:
+    return number == 0.0 and math.copysign(1, number) < 0
