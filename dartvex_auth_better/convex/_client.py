@@ -133,7 +133,7 @@ class ConvexClient:
             self._session = aiohttp.ClientSession()
         self._task_group = anyio.create_task_group()
         await self._task_group.__aenter__()
-        self._task_group.start_soon(self._run, name="convex-socket")
+        self._task_group.start_soon(self._run, name="dartvex_auth_better.convex.socket")
         return self
 
     async def __aexit__(

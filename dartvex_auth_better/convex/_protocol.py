@@ -21,6 +21,7 @@ from .._errors import ProtocolError
 
 __all__ = [
     "INITIAL_TS",
+    "NO_DATA",
     "ActionMsg",
     "ActionResponse",
     "AddQuery",
@@ -47,6 +48,8 @@ __all__ = [
 ]
 
 INITIAL_TS = "AAAAAAAAAAA="
+# Marks an absent errorData (msgspec.Raw cannot share a union with None).
+NO_DATA = msgspec.Raw()
 
 
 def encode_ts(ts: int) -> str:
@@ -153,7 +156,7 @@ class QueryFailed(msgspec.Struct, rename="camel", tag_field="type", tag="QueryFa
     query_id: int
     error_message: str
     log_lines: list[str] = []
-    error_data: msgspec.Raw | None = None
+    error_data: msgspec.Raw = NO_DATA
     journal: str | None = None
 
 
@@ -186,7 +189,7 @@ class MutationResponse(_ServerMsg, tag="MutationResponse"):
     result: msgspec.Raw = msgspec.Raw(b"null")
     ts: str | None = None
     log_lines: list[str] = []
-    error_data: msgspec.Raw | None = None
+    error_data: msgspec.Raw = NO_DATA
 
 
 class ActionResponse(_ServerMsg, tag="ActionResponse"):
@@ -194,7 +197,7 @@ class ActionResponse(_ServerMsg, tag="ActionResponse"):
     success: bool
     result: msgspec.Raw = msgspec.Raw(b"null")
     log_lines: list[str] = []
-    error_data: msgspec.Raw | None = None
+    error_data: msgspec.Raw = NO_DATA
 
 
 class AuthError(_ServerMsg, tag="AuthError"):

@@ -15,7 +15,7 @@ import msgspec
 
 from .._errors import ConvexError
 from ._protocol import AddQuery, ModifyQuerySet, QueryFailed, QueryUpdated, RemoveQuery
-from ._values import decode_value
+from ._values import decode_raw_or_none, decode_value
 
 __all__ = ["LocalQuery", "QueryResult", "QuerySet", "canonical_udf_path"]
 
@@ -135,11 +135,7 @@ class QuerySet:
         if isinstance(modification, QueryUpdated):
             query.result = QueryResult(modification.value, None, modification.log_lines)
         else:
-            data = (
-                decode_value(msgspec.json.decode(modification.error_data))
-                if modification.error_data is not None
-                else None
-            )
+            data = decode_raw_or_none(modification.error_data)
             error = ConvexError(
                 modification.error_message, data=data, log_lines=modification.log_lines
             )

@@ -17,7 +17,7 @@ import msgspec
 
 from .._errors import ConnectionLostError, ConvexError, DartvexError
 from ._protocol import ActionMsg, ActionResponse, MutationMsg, MutationResponse, decode_ts
-from ._values import decode_value
+from ._values import decode_raw_or_none, decode_value
 
 __all__ = ["Request", "RequestManager"]
 
@@ -134,7 +134,7 @@ def _function_error(msg: MutationResponse | ActionResponse) -> ConvexError:
     except msgspec.DecodeError:
         decoded = None
     message = decoded if isinstance(decoded, str) else "function failed"
-    data = decode_value(msgspec.json.decode(msg.error_data)) if msg.error_data is not None else None
+    data = decode_raw_or_none(msg.error_data)
     return ConvexError(message, data=data, log_lines=msg.log_lines)
 
 

@@ -27,9 +27,11 @@ import struct
 from collections.abc import Mapping
 from typing import Any
 
+import msgspec
+
 from .._errors import ProtocolError
 
-__all__ = ["Int64", "decode_value", "encode_args", "encode_value"]
+__all__ = ["Int64", "decode_raw_or_none", "decode_value", "encode_args", "encode_value"]
 
 _INT64_MIN = -(2**63)
 _INT64_MAX = 2**63 - 1
@@ -148,6 +150,16 @@ def decode_value(value: Any) -> Any:
                 raise ProtocolError(f"{key} values are no longer supported by Convex")
         return {_check_field_name(k, ProtocolError): decode_value(v) for k, v in value.items()}
     return value
+
+
+def decode_raw_or_none(raw: msgspec.Raw) -> Any:
+    """Decode a raw JSON Convex value; an empty Raw (an absent field) is None."""
+    if not raw:
+        return None
+    try:
+        return decode_value(msgspec.json.decode(raw))
+    except msgspec.DecodeError as exc:
+        raise ProtocolError(f"invalid JSON value from the server: {exc}") from None
 
 
 def _decode_special(key: str, payload: object) -> Any:

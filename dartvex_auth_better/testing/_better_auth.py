@@ -46,7 +46,7 @@ __all__ = ["LocalBetterAuth", "LocalStackError", "ensure_better_auth_server"]
 
 logger = logging.getLogger("dartvex_auth_better.testing.better_auth")
 
-SERVER_SOURCE_DIR: Final = Path(__file__).resolve().parent / "better_auth_server"
+_SERVER_SOURCE_DIR: Final = Path(__file__).resolve().parent / "better_auth_server"
 """The bundled server: ``package.json``, ``package-lock.json`` and ``server.mjs``."""
 
 _SERVER_FILES: Final = ("package.json", "package-lock.json", "server.mjs")
@@ -89,7 +89,7 @@ def _default_cache_root() -> Path:
 
 
 def _read_server_files() -> dict[str, bytes]:
-    return {name: (SERVER_SOURCE_DIR / name).read_bytes() for name in _SERVER_FILES}
+    return {name: (_SERVER_SOURCE_DIR / name).read_bytes() for name in _SERVER_FILES}
 
 
 def _files_digest(files: Mapping[str, bytes]) -> str:
@@ -114,7 +114,8 @@ def _search_path(env: Mapping[str, str] | None) -> str | None:
 def _resolve_executable(name: str, env: Mapping[str, str] | None) -> str:
     found = shutil.which(name, path=_search_path(env))
     if found is None:
-        raise LocalStackError(f"{_NODE_REQUIRED} (`{name}` was not found on PATH)")
+        where = "" if os.sep in name else " on PATH"
+        raise LocalStackError(f"{_NODE_REQUIRED} (`{name}` was not found{where})")
     return found
 
 
@@ -268,9 +269,9 @@ async def ensure_better_auth_server(
 
 
 async def _npm_ci(npm: str, cwd: Path, env: Mapping[str, str]) -> None:
-    # --ignore-scripts: the only install script in the tree is esbuild's postinstall
-    # (pulled in by the `convex` peer dependency, unused at run time); skipping it keeps the
-    # install offline-safe apart from the registry itself, and faster.
+    # --ignore-scripts: the only install script in the tree is esbuild's postinstall, pulled
+    # in by the `convex` peer dependency that the server never loads. Skipping it means no
+    # package code runs at install time and nothing is fetched beyond registry tarballs.
     command = [npm, "ci", "--no-audit", "--no-fund", "--loglevel=error", "--ignore-scripts"]
     logger.info("running %s in %s", " ".join(command[1:]), cwd)
     try:
@@ -437,10 +438,10 @@ class LocalBetterAuth:
         or the server exits or is not ready within *startup_timeout* seconds.
         """
         async with self._start_lock:
-            if self._started:
-                return
             if self._closed:
                 raise LocalStackError("this LocalBetterAuth was closed; create a new one")
+            if self._started:
+                return
             lookup_env = self._extra_env if "PATH" in self._extra_env else None
             node = await _check_node(self._node_executable, lookup_env)
             server_dir = await ensure_better_auth_server(
@@ -589,7 +590,9 @@ class LocalBetterAuth:
     # ----------------------------------------------------------------- helpers
 
     async def health(self) -> bool:
-        """True when the server answers ``GET /test/health`` with ``{"ok": true}``."""
+        """True when the server runs and answers ``GET /test/health`` with ``{"ok": true}``."""
+        if self._http is None:
+            return False
         try:
             status, body = await self._request("GET", "/test/health")
         except (aiohttp.ClientError, TimeoutError):

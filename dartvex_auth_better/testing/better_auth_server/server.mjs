@@ -19,15 +19,15 @@
 import http from "node:http";
 import { performance } from "node:perf_hooks";
 
-// Telemetry is also switched off in the options; the env var covers any code path that
-// reads it before the options are seen.
-process.env.BETTER_AUTH_TELEMETRY = "0";
-
 import { betterAuth } from "better-auth";
 import { memoryAdapter } from "better-auth/adapters/memory";
 import { bearer, magicLink } from "better-auth/plugins";
 import { convex } from "@convex-dev/better-auth/plugins";
 import { getAuthConfigProvider } from "@convex-dev/better-auth/auth-config";
+
+// Telemetry is switched off in the options too; Better Auth reads this variable when the
+// auth instance is built (imports are hoisted, so this is the earliest point that counts).
+process.env.BETTER_AUTH_TELEMETRY = "0";
 
 const BASE_PATH = "/api/auth";
 const DEFAULT_SECRET = "dartvex-auth-better-local-test-secret-not-for-production";

@@ -1,0 +1,126 @@
+import math
+
+import msgspec
+import pytest
+
+from dartvex_auth_better import Int64, ProtocolError
+from dartvex_auth_better.convex._values import decode_value, encode_args, encode_value
+
+
+def roundtrip(value):
+    wire = msgspec.json.decode(msgspec.json.encode(encode_value(value)))
+    return decode_value(wire)
+
+
+def test_spec_examples_encode_exactly():
+    assert encode_value(Int64(5)) == {"$integer": "BQAAAAAAAAA="}
+    assert encode_value(math.nan) == {"$float": "AAAAAAAA+H8="}
+    assert encode_value(-0.0) == {"$float": "AAAAAAAAAIA="}
+    assert encode_value(b"\x01\x02") == {"$bytes": "AQI="}
+
+
+def test_captured_npm_args_frame_matches():
+    args = {
+        "channel": "general",
+        "n": Int64(5),
+        "f": math.nan,
+        "negz": -0.0,
+        "b": b"\x01\x02",
+        "nested": {"arr": [1, "x", None, True]},
+    }
+    # The npm client's captured frame (keys sorted) for the same arguments.
+    expected = (
+        b'[{"b":{"$bytes":"AQI="},"channel":"general","f":{"$float":"AAAAAAAA+H8="},'
+        b'"n":{"$integer":"BQAAAAAAAAA="},"negz":{"$float":"AAAAAAAAAIA="},'
+        b'"nested":{"arr":[1,"x",null,true]}}]'
+    )
+    assert msgspec.json.encode(encode_args(args)) == expected
+
+
+@pytest.mark.parametrize("n", [0, 1, -1, 2**63 - 1, -(2**63)])
+def test_int64_bounds_roundtrip(n):
+    out = roundtrip(Int64(n))
+    assert out == n and isinstance(out, Int64)
+
+
+@pytest.mark.parametrize("n", [2**63, -(2**63) - 1])
+def test_int64_out_of_range(n):
+    with pytest.raises(ValueError):
+        Int64(n)
+
+
+def test_int64_rejects_bool_and_float():
+    with pytest.raises(TypeError):
+        Int64(True)
+    with pytest.raises(TypeError):
+        Int64(1.5)  # type: ignore[arg-type]
+
+
+def test_plain_int_is_a_number():
+    assert encode_value(3) == 3
+    assert roundtrip(3) == 3 and type(roundtrip(3)) is int
+    assert encode_value(2**53) == 2**53
+
+
+def test_plain_int_that_would_lose_precision_is_refused():
+    with pytest.raises(ValueError, match="Int64"):
+        encode_value(2**53 + 1)
+
+
+@pytest.mark.parametrize("f", [math.inf, -math.inf, -0.0, 42.5])
+def test_special_floats_roundtrip(f):
+    out = roundtrip(f)
+    assert out == f and math.copysign(1, out) == math.copysign(1, f)
+
+
+def test_nan_roundtrip():
+    assert math.isnan(roundtrip(math.nan))
+
+
+def test_bytes_nested_and_key_order():
+    value = {"z": [b"", {"a": Int64(1)}], "a": None}
+    assert roundtrip(value) == value
+    assert list(encode_value(value)) == ["a", "z"]
+    assert list(decode_value({"z": 1, "a": 2})) == ["z", "a"]  # decoded order is preserved
+
+
+@pytest.mark.parametrize("name", ["$bad", "new\nline", "x" * 1025, "é"])
+def test_bad_field_names_rejected_both_ways(name):
+    with pytest.raises(ValueError):
+        encode_value({name: 1})
+    with pytest.raises(ProtocolError):
+        decode_value({name: 1, "other": 2})
+
+
+def test_non_string_keys_and_unknown_types_rejected():
+    with pytest.raises(TypeError):
+        encode_value({1: "x"})
+    with pytest.raises(TypeError):
+        encode_value({1, 2})
+    with pytest.raises(TypeError):
+        encode_args([1])  # type: ignore[arg-type]
+
+
+def test_args_none_is_empty_object():
+    assert encode_args(None) == [{}]
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"$float": "AAAAAAAA8D8="},  # 1.0: a finite $float is invalid
+        {"$integer": "AQ=="},  # wrong length
+        {"$integer": 5},  # not a string
+        {"$bytes": "!!"},  # not base64
+        {"$set": []},
+        {"$map": []},
+    ],
+)
+def test_malformed_specials_are_protocol_errors(bad):
+    with pytest.raises(ProtocolError):
+        decode_value(bad)
+
+
+def test_special_key_with_siblings_is_a_bad_field_name():
+    with pytest.raises(ProtocolError):
+        decode_value({"$integer": "BQAAAAAAAAA=", "x": 1})
