@@ -5,8 +5,8 @@ from dartvex_auth_better import ProtocolError
 from dartvex_auth_better.convex._protocol import (
     ActionResponse,
     AddQuery,
-    AuthError,
     Authenticate,
+    AuthError,
     Connect,
     ModifyQuerySet,
     MutationResponse,
@@ -67,7 +67,9 @@ def test_modify_query_set_add_always_carries_journal():
 
 
 def test_authenticate_shapes_and_repr_hides_token():
-    none = msgspec.json.decode(encode_client_message(Authenticate(base_version=2, token_type="None")))
+    none = msgspec.json.decode(
+        encode_client_message(Authenticate(base_version=2, token_type="None"))
+    )
     assert none == {"type": "Authenticate", "baseVersion": 2, "tokenType": "None"}
     token = "header.payload.signature-secret-part"
     msg = Authenticate(base_version=0, token_type="User", value=token)

@@ -8,7 +8,7 @@ from dartvex_auth_better._logging import redact
 from dartvex_auth_better.better_auth._tokens import cookie_value, find_session_token
 
 
-def make_jwt(claims: dict) -> str:
+def make_jwt(claims: dict[str, object]) -> str:
     def b64(data: bytes) -> str:
         return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
 
@@ -63,5 +63,7 @@ def test_redaction_and_session_repr_hide_secrets():
         token=jwt, session_token=session_token, user_id="u1", email="a@b.c", name="A"
     )
     assert hash(session) == hash(
-        BetterAuthSession(token=jwt, session_token=session_token, user_id="u1", email="a@b.c", name="A")
+        BetterAuthSession(
+            token=jwt, session_token=session_token, user_id="u1", email="a@b.c", name="A"
+        )
     )
