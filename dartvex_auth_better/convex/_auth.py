@@ -32,9 +32,18 @@ class AuthState:
         self.token = token
 
     def reset_socket(self) -> None:
-        """A new socket starts with identity version 0 on both sides."""
+        """A new socket starts with identity version 0 on both sides, and anonymous."""
         self.identity_version = 0
         self._awaiting_version = None
+        if self.token is None:
+            # Nothing to send and nothing to confirm: the socket starts anonymous.
+            self._resolve_waiters()
+
+    def _resolve_waiters(self) -> None:
+        waiters, self._waiters = self._waiters, []
+        for w in waiters:
+            if not w.done():
+                w.set_result(None)
 
     def authenticate_message(self) -> Authenticate:
         """Build the next Authenticate from the token in force right now."""
@@ -55,10 +64,7 @@ class AuthState:
         if end <= start or self._awaiting_version is None or end < self._awaiting_version:
             return False
         self._awaiting_version = None
-        waiters, self._waiters = self._waiters, []
-        for w in waiters:
-            if not w.done():
-                w.set_result(None)
+        self._resolve_waiters()
         return True
 
     def on_rejected(self, message: str) -> None:

@@ -304,6 +304,17 @@ class ConvexClient:
         self._state_changed.set()
 
     async def _run(self) -> None:
+        try:
+            await self._connect_forever()
+        except Exception as exc:
+            # A bug must not leave callers hanging: fail everything with a typed error.
+            convex_logger.exception("the Convex socket task failed")
+            self._terminate(
+                DartvexError(f"the Convex client failed internally: {type(exc).__name__}"),
+                ConnectionState.FATAL,
+            )
+
+    async def _connect_forever(self) -> None:
         assert self._session is not None
         while True:
             self._set_state(ConnectionState.CONNECTING)
