@@ -28,6 +28,10 @@ class AuthState:
     def is_set(self) -> bool:
         return self.token is not None
 
+    @property
+    def awaiting_confirmation(self) -> bool:
+        return self._awaiting_version is not None
+
     def set_token(self, token: str | None) -> None:
         self.token = token
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 import asyncio
 import enum
 import math
-import time
 import uuid
-from collections.abc import AsyncGenerator, Callable, Mapping
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Literal, Self
 
@@ -20,26 +20,12 @@ from .._errors import ClientClosedError, DartvexError, ProtocolError, ServerFata
 from .._logging import convex_logger, redact, ws_logger
 from .._urls import normalize_base_url, sync_url_for
 from .._version import __version__
-from ._auth import AuthState
-from ._protocol import (
-    INITIAL_TS,
-    ActionResponse,
-    AuthError,
-    Connect,
-    FatalError,
-    MutationResponse,
-    Ping,
-    QueryRemoved,
-    StateVersion,
-    Transition,
-    TransitionChunk,
-    decode_server_message,
-    decode_ts,
-    encode_client_message,
-    encode_ts,
-)
-from ._query_set import LocalQuery, QuerySet, canonical_udf_path
-from ._requests import RequestManager
+from .._watch import Watched
+from ._optimistic import OptimisticUpdate
+from ._protocol import Transition, TransitionChunk, decode_server_message
+from ._query_set import canonical_udf_path
+from ._subscription import Subscription
+from ._sync import Outgoing, SyncCore
 from ._transport import (
     CLIENT_INITIAL_BACKOFF,
     backoff_delay,
@@ -48,41 +34,64 @@ from ._transport import (
 )
 from ._values import encode_args
 
-__all__ = ["ConnectionState", "ConvexClient", "Subscription"]
+__all__ = ["ConnectionState", "ConnectionStatus", "ConvexClient"]
 
-_INITIAL_VERSION = StateVersion(query_set=0, identity=0, ts=INITIAL_TS)
-
-# A frame waiting for the writer: encoded bytes, or a builder called at send time (so an
-# Authenticate reads the token in force when it goes out), plus the request id it carries.
-_Outgoing = tuple[bytes | Callable[[], bytes], int | None]
+# A socket that keeps sending frames we cannot use is not going to get better: after this
+# many reconnects in a row that end that way, stop and fail every pending call.
+_MAX_PROTOCOL_FAILURES = 3
 
 
 class ConnectionState(enum.Enum):
     """Where the client's socket is."""
 
-    DISCONNECTED = "disconnected"
-    CONNECTING = "connecting"
-    CONNECTED = "connected"
-    CLOSED = "closed"
-    FATAL = "fatal"
+    CONNECTING = "connecting"  # opening the first socket
+    CONNECTED = "connected"  # a socket is open
+    RECONNECTING = "reconnecting"  # the socket dropped; waiting or opening another
+    CLOSED = "closed"  # the client was closed
+    FATAL = "fatal"  # the server sent FatalError, or the protocol broke for good
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectionStatus:
+    """A snapshot of the connection, for dashboards and health checks."""
+
+    state: ConnectionState
+    has_ever_connected: bool
+    connection_count: int
+    connection_retries: int
+    inflight_mutations: int
+    inflight_actions: int
+    synced: bool
+    """True once the client has caught up after the last (re)connect: every query has an
+    answer, every request outstanding at the reconnect finished, auth is confirmed."""
+
+    @property
+    def is_connected(self) -> bool:
+        return self.state is ConnectionState.CONNECTED
 
 
 class _SocketEnded(Exception):
     """Internal: why a socket ended, and whether we or the server caused it."""
 
-    def __init__(self, reason: str, *, server_caused: bool) -> None:
+    def __init__(self, reason: str, *, server_caused: bool, protocol_error: bool = False) -> None:
         super().__init__(reason)
         self.reason = reason
         self.server_caused = server_caused
+        self.protocol_error = protocol_error
 
 
 class ConvexClient:
     """An asyncio client for a Convex deployment over the sync WebSocket.
 
     ``async with ConvexClient(url) as client:`` opens the socket in the background and
-    keeps it open, reconnecting with jittered backoff when it drops; leaving the block
-    cancels every background task and closes the socket (and the aiohttp session, when
-    the client created it). The constructor does no I/O.
+    keeps it open, reconnecting with jittered backoff when it drops (queries are re-added,
+    unanswered mutations re-sent; the server applies each exactly once). Leaving the block
+    cancels every background task and closes the socket (and the aiohttp session, when the
+    client created it). The constructor does no I/O.
+
+    Calls have no built-in timeout: wrap them in ``anyio.fail_after`` or
+    ``asyncio.timeout``. A mutation cancelled after it was sent stays tracked and is re-sent
+    on reconnect, so it applies exactly once; one cancelled before it was sent is dropped.
     """
 
     def __init__(
@@ -94,6 +103,8 @@ class ConvexClient:
         connect_timeout: float = 10.0,
         inactivity_timeout: float = 60.0,
     ) -> None:
+        if connect_timeout <= 0 or inactivity_timeout <= 0:
+            raise ValueError("connect_timeout and inactivity_timeout must be positive")
         self.url = normalize_base_url(
             deployment_url, name="deployment_url", allow_insecure=allow_insecure
         )
@@ -104,24 +115,21 @@ class ConvexClient:
         self._inactivity_timeout = inactivity_timeout
         self._client_header = f"python-dartvex-auth-better-{__version__}"
 
-        self._session_id = str(uuid.uuid4())
-        self._query_set = QuerySet()
-        self._requests = RequestManager()
-        self._auth = AuthState()
-        self._remote_version = _INITIAL_VERSION
-        self._max_observed_ts = 0
-        self._connection_count = 0
-        self._last_close_reason: str | None = "InitialConnect"
+        self._core = SyncCore(str(uuid.uuid4()))
+        self._core.on_synced = self._on_synced
         self._retries = 0
-        self._synced_since_reconnect = True
-        self._restart_request_ids: set[int] = set()
-
-        self._out: MemoryObjectSendStream[_Outgoing] | None = None
-        self._state = ConnectionState.DISCONNECTED
-        self._state_changed = asyncio.Event()
-        self._terminal_error: DartvexError | None = None
+        self._protocol_failures = 0
+        self._has_ever_connected = False
+        self._state = ConnectionState.CONNECTING
+        self._status = Watched(self._snapshot())
+        self._reconnect_requested = asyncio.Event()
+        self._socket_scope: anyio.CancelScope | None = None
+        self._out: MemoryObjectSendStream[Outgoing] | None = None
         self._task_group: anyio.abc.TaskGroup | None = None
         self._started = False
+
+    def __repr__(self) -> str:
+        return f"ConvexClient({self.url!r}, state={self._state.value})"
 
     # -- lifecycle -----------------------------------------------------------------------
 
@@ -159,16 +167,56 @@ class ConvexClient:
                 with anyio.CancelScope(shield=True):
                     await self._session.close()
 
+    # -- connection state --------------------------------------------------------------------
+
     @property
     def connection_state(self) -> ConnectionState:
         return self._state
 
+    @property
+    def connection_status(self) -> ConnectionStatus:
+        return self._snapshot()
+
+    def connection_statuses(self) -> AsyncIterator[ConnectionStatus]:
+        """The current status, then every change (a slow reader sees the latest)."""
+        return self._status.changes()
+
     async def wait_connected(self) -> None:
-        """Wait until the socket is open and the handshake is sent."""
-        while self._state is not ConnectionState.CONNECTED:
+        """Wait until a socket is open (raises if the client is closed or failed)."""
+        async for status in self.connection_statuses():
             self._check_usable()
-            self._state_changed.clear()
-            await self._state_changed.wait()
+            if status.state is ConnectionState.CONNECTED:
+                return
+        self._check_usable()
+
+    def reconnect_now(self, reason: str = "ReconnectRequested") -> None:
+        """Drop the current socket (or skip the current backoff wait) and reconnect."""
+        self._core.last_close_reason = reason
+        self._reconnect_requested.set()
+        if self._socket_scope is not None:
+            self._socket_scope.cancel()
+
+    def _snapshot(self) -> ConnectionStatus:
+        mutations, actions = self._core.requests.counts()
+        return ConnectionStatus(
+            state=self._state,
+            has_ever_connected=self._has_ever_connected,
+            connection_count=self._core.connection_count,
+            connection_retries=self._retries,
+            inflight_mutations=mutations,
+            inflight_actions=actions,
+            synced=self._core.synced,
+        )
+
+    def _publish_status(self) -> None:
+        if self._status.watchers:
+            self._status.set(self._snapshot())
+
+    def _set_state(self, state: ConnectionState) -> None:
+        if self._state in (ConnectionState.CLOSED, ConnectionState.FATAL):
+            return
+        self._state = state
+        self._status.set(self._snapshot())
 
     # -- auth ----------------------------------------------------------------------------
 
@@ -180,10 +228,10 @@ class ConvexClient:
         Authenticate, so awaiting it is not needed for ordering.
         """
         self._check_usable()
-        self._auth.set_token(token)
+        self._core.auth.set_token(token)
         convex_logger.debug("auth token set (%s)", redact(token))
-        waiter = self._auth.add_waiter()
-        self._send_authenticate()
+        waiter = self._core.auth.add_waiter()
+        self._core.send_authenticate()
         await waiter
 
     # -- functions -----------------------------------------------------------------------
@@ -191,117 +239,70 @@ class ConvexClient:
     def subscribe(self, name: str, args: Mapping[str, Any] | None = None) -> Subscription:
         """Subscribe to a query; iterate the result for its value now and on every change.
 
-        Identical subscriptions share one server query. Leaving the ``async for`` loop (by
-        ``break``, an exception or cancellation) or calling ``close()`` unsubscribes. A
-        slow consumer skips intermediate values but always gets the latest one.
+        Identical subscriptions share one server query. See Subscription for details.
         """
         self._check_usable()
-        return Subscription(self, canonical_udf_path(name), encode_args(args))
+        return Subscription(self._core, canonical_udf_path(name), encode_args(args))
 
     async def query(self, name: str, args: Mapping[str, Any] | None = None) -> Any:
-        """Run a query once and return its result (asks the server; no stale cache)."""
+        """Run a query once and return its result.
+
+        It asks the server: the answer is the server's (an existing live subscription to
+        the same query is kept current by the server, so its answer is used), never an
+        optimistic guess or a value cached from an earlier subscription.
+        """
         subscription = self.subscribe(name, args)
         try:
-            return await subscription.next()
+            return await subscription._next_server_result()
         finally:
             subscription.close()
 
-    async def mutation(self, name: str, args: Mapping[str, Any] | None = None) -> Any:
-        """Run a mutation; returns once its write is visible to this client's queries."""
-        return await self._request("mutation", name, args)
+    async def mutation(
+        self,
+        name: str,
+        args: Mapping[str, Any] | None = None,
+        *,
+        optimistic_update: OptimisticUpdate | None = None,
+    ) -> Any:
+        """Run a mutation; returns once its write is visible to this client's queries.
+
+        ``optimistic_update(store)`` edits the local view of queries at once; the edit is
+        replaced by the server's data when the mutation lands, and rolled back if it fails.
+        If the update function raises, the mutation is not sent and the error propagates.
+        """
+        return await self._request("mutation", name, args, optimistic_update)
 
     async def action(self, name: str, args: Mapping[str, Any] | None = None) -> Any:
-        """Run an action. If the socket drops after it was sent, ConnectionLostError."""
-        return await self._request("action", name, args)
+        """Run an action. If the socket drops after it was sent: ConnectionLostError
+        (retryable; the action may or may not have run)."""
+        return await self._request("action", name, args, None)
 
     async def _request(
-        self, kind: Literal["mutation", "action"], name: str, args: Mapping[str, Any] | None
+        self,
+        kind: Literal["mutation", "action"],
+        name: str,
+        args: Mapping[str, Any] | None,
+        optimistic_update: OptimisticUpdate | None,
     ) -> Any:
         self._check_usable()
-        request = self._requests.new_request(kind, canonical_udf_path(name), encode_args(args))
-        self._send(encode_client_message(request.message), request.message.request_id)
+        request = self._core.request(
+            kind, canonical_udf_path(name), encode_args(args), optimistic_update
+        )
+        self._publish_status()
         try:
             return await request.future
         finally:
-            if not request.future.done() and request.status == "not_sent":
-                self._requests.forget(request)
-
-    # -- internals used by Subscription -----------------------------------------------------
-
-    def _subscribe(self, udf_path: str, args: list[Any], waker: asyncio.Event) -> LocalQuery:
-        query, add = self._query_set.subscribe(udf_path, args, waker)
-        if add is not None:
-            self._send_query_set_change(add)
-        return query
-
-    def _unsubscribe(self, query: LocalQuery, waker: asyncio.Event) -> None:
-        remove = self._query_set.unsubscribe(query, waker)
-        if remove is not None:
-            self._send_query_set_change(remove)
-
-    def _send_query_set_change(self, change: Any) -> None:
-        # While disconnected the change lives only in the query set; the restart
-        # ModifyQuerySet on the next socket carries the whole set.
-        if self._out is not None:
-            self._send(encode_client_message(self._query_set.modify([change])))
+            if not request.future.done() or request.future.cancelled():
+                self._core.abandon(request)
+            self._publish_status()
 
     def _check_usable(self) -> None:
-        if self._terminal_error is not None:
-            raise self._terminal_error
+        if self._core.terminal_error is not None:
+            raise self._core.terminal_error
         if not self._started:
             raise RuntimeError("use the ConvexClient inside 'async with' (or call __aenter__)")
 
-    # -- sending ----------------------------------------------------------------------------
-
-    def _send(self, frame: bytes | Callable[[], bytes], request_id: int | None = None) -> None:
-        if self._out is not None:
-            self._out.send_nowait((frame, request_id))
-
-    def _send_authenticate(self) -> None:
-        if self._out is not None:
-            self._send(self._build_authenticate)
-
-    def _build_authenticate(self) -> bytes:
-        msg = self._auth.authenticate_message()
-        ws_logger.debug("sending %r", msg)
-        return encode_client_message(msg)
-
-    def _restart_frames(self) -> list[_Outgoing]:
-        """Everything a new socket must carry first, in the protocol's order."""
-        self._auth.reset_socket()
-        self._remote_version = _INITIAL_VERSION
-        frames: list[_Outgoing] = [
-            (
-                encode_client_message(
-                    Connect(
-                        session_id=self._session_id,
-                        connection_count=self._connection_count,
-                        last_close_reason=self._last_close_reason,
-                        client_ts=int(time.time() * 1000),
-                        max_observed_timestamp=(
-                            encode_ts(self._max_observed_ts) if self._max_observed_ts else None
-                        ),
-                    )
-                ),
-                None,
-            )
-        ]
-        if self._auth.is_set:
-            frames.append((self._build_authenticate, None))
-        frames.append((encode_client_message(self._query_set.restart()), None))
-        for msg in self._requests.restart():
-            frames.append((encode_client_message(msg), msg.request_id))
-        self._restart_request_ids = self._requests.outstanding_ids()
-        self._synced_since_reconnect = False
-        return frames
-
     # -- the socket loop -----------------------------------------------------------------------
-
-    def _set_state(self, state: ConnectionState) -> None:
-        if self._state in (ConnectionState.CLOSED, ConnectionState.FATAL):
-            return
-        self._state = state
-        self._state_changed.set()
 
     async def _run(self) -> None:
         try:
@@ -317,7 +318,7 @@ class ConvexClient:
     async def _connect_forever(self) -> None:
         assert self._session is not None
         while True:
-            self._set_state(ConnectionState.CONNECTING)
+            self._reconnect_requested.clear()
             try:
                 with anyio.fail_after(self._connect_timeout):
                     ws = await open_socket(
@@ -327,67 +328,87 @@ class ConvexClient:
                         close_timeout=self._connect_timeout,
                     )
             except (aiohttp.ClientError, OSError, TimeoutError) as exc:
-                ended = _SocketEnded(f"ConnectFailed: {type(exc).__name__}", server_caused=False)
+                ended = _SocketEnded(f"ConnectFailed: {type(exc).__name__}", server_caused=True)
                 ws_logger.info("connect to %s failed: %s", self._sync_url, type(exc).__name__)
             else:
                 try:
                     ended = await self._serve_socket(ws)
                 except ServerFatalError as exc:
                     self._terminate(exc, ConnectionState.FATAL)
-                    await ws.close()
                     return
                 finally:
+                    self._socket_scope = None
                     self._out = None
+                    self._core.send = None
                     with anyio.CancelScope(shield=True):
                         await ws.close()
-            self._set_state(ConnectionState.DISCONNECTED)
-            self._last_close_reason = ended.reason
+            if self._reconnect_requested.is_set():
+                ended = _SocketEnded(self._core.last_close_reason or "", server_caused=False)
+            self._set_state(ConnectionState.RECONNECTING)
+            self._core.last_close_reason = ended.reason
+            if ended.protocol_error:
+                self._protocol_failures += 1
+                if self._protocol_failures >= _MAX_PROTOCOL_FAILURES:
+                    self._terminate(
+                        ProtocolError(
+                            f"the Convex server kept sending invalid messages ({ended.reason})"
+                        ),
+                        ConnectionState.FATAL,
+                    )
+                    return
             initial = (
                 initial_backoff_for(ended.reason) if ended.server_caused else CLIENT_INITIAL_BACKOFF
             )
             delay = backoff_delay(initial, self._retries)
             self._retries += 1
             ws_logger.info("socket ended (%s); reconnecting in %.2f s", ended.reason, delay)
-            await anyio.sleep(delay)
+            with anyio.move_on_after(delay):
+                await self._reconnect_requested.wait()
 
     async def _serve_socket(self, ws: aiohttp.ClientWebSocketResponse) -> _SocketEnded:
-        send, receive = anyio.create_memory_object_stream[_Outgoing](math.inf)
-        for frame in self._restart_frames():
+        send, receive = anyio.create_memory_object_stream[Outgoing](math.inf)
+        for frame in self._core.restart():
             send.send_nowait(frame)
-        self._connection_count += 1
         self._out = send
+        self._core.send = send.send_nowait
+        self._has_ever_connected = True
         self._set_state(ConnectionState.CONNECTED)
-        with send, receive:
+        ended = _SocketEnded("ReconnectRequested", server_caused=False)
+        with send, receive, anyio.CancelScope() as scope:
+            # reconnect_now() cancels this scope to drop the socket.
+            self._socket_scope = scope
             async with anyio.create_task_group() as tg:
-                tg.start_soon(self._write_frames, ws, receive)
+                tg.start_soon(
+                    self._write_frames, ws, receive, name="dartvex_auth_better.convex.writer"
+                )
                 ended = await self._read_frames(ws)
                 tg.cancel_scope.cancel()
         return ended
 
     async def _write_frames(
-        self, ws: aiohttp.ClientWebSocketResponse, frames: MemoryObjectReceiveStream[_Outgoing]
+        self, ws: aiohttp.ClientWebSocketResponse, frames: MemoryObjectReceiveStream[Outgoing]
     ) -> None:
         try:
             async for frame, request_id in frames:
                 data = frame if isinstance(frame, bytes) else frame()
                 await ws.send_frame(data, aiohttp.WSMsgType.TEXT)
                 if request_id is not None:
-                    self._requests.mark_sent(request_id)
+                    self._core.requests.mark_sent(request_id)
         except (aiohttp.ClientError, ConnectionError, RuntimeError) as exc:
             # The reader sees the socket close and reconnects.
             ws_logger.info("send failed: %s", type(exc).__name__)
             await ws.close()
 
     async def _read_frames(self, ws: aiohttp.ClientWebSocketResponse) -> _SocketEnded:
+        chunks: list[str] = []
+        chunk_id: tuple[str, int] | None = None
         while True:
             try:
                 msg = await ws.receive(timeout=self._inactivity_timeout)
             except TimeoutError:
                 return _SocketEnded("InactiveServer", server_caused=False)
-            if msg.type is aiohttp.WSMsgType.TEXT:
+            if msg.type is aiohttp.WSMsgType.TEXT or msg.type is aiohttp.WSMsgType.BINARY:
                 data: str | bytes = msg.data
-            elif msg.type is aiohttp.WSMsgType.BINARY:
-                data = msg.data
             elif msg.type in (
                 aiohttp.WSMsgType.CLOSE,
                 aiohttp.WSMsgType.CLOSING,
@@ -400,133 +421,42 @@ class ConvexClient:
             else:
                 return _SocketEnded("WebSocketError", server_caused=False)
             try:
-                self._handle_frame(data)
+                server_msg = decode_server_message(data)
+                if isinstance(server_msg, TransitionChunk):
+                    # Reassemble: parts in order, one id and one total, nothing in between.
+                    key = (server_msg.transition_id, server_msg.total_parts)
+                    if server_msg.part_number != len(chunks) or (chunks and key != chunk_id):
+                        raise ProtocolError("TransitionChunk out of order or mismatched")
+                    chunk_id = key
+                    chunks.append(server_msg.chunk)
+                    if len(chunks) < server_msg.total_parts:
+                        continue
+                    server_msg = decode_server_message("".join(chunks))
+                    chunks, chunk_id = [], None
+                    if not isinstance(server_msg, Transition):
+                        raise ProtocolError("TransitionChunk parts did not form a Transition")
+                elif chunks:
+                    raise ProtocolError("a message arrived in the middle of a TransitionChunk run")
+                self._core.handle(server_msg)
             except ProtocolError as exc:
                 ws_logger.warning("invalid server message, reconnecting: %s", exc)
-                return _SocketEnded("InvalidServerMessage", server_caused=False)
+                return _SocketEnded(
+                    "InvalidServerMessage", server_caused=False, protocol_error=True
+                )
+            self._publish_status()
 
-    # -- server messages ----------------------------------------------------------------------
-
-    def _handle_frame(self, data: str | bytes) -> None:
-        msg = decode_server_message(data)
-        if isinstance(msg, Transition):
-            self._on_transition(msg)
-        elif isinstance(msg, MutationResponse | ActionResponse):
-            if isinstance(msg, MutationResponse) and msg.ts is not None:
-                self._max_observed_ts = max(self._max_observed_ts, decode_ts(msg.ts))
-            self._requests.on_response(msg, decode_ts(self._remote_version.ts))
-            self._check_synced()
-        elif isinstance(msg, AuthError):
-            self._on_auth_error(msg)
-        elif isinstance(msg, FatalError):
-            raise ServerFatalError(f"the Convex server reported a fatal error: {msg.error}")
-        elif isinstance(msg, Ping):
-            pass
-        elif isinstance(msg, TransitionChunk):
-            raise ProtocolError("TransitionChunk is not sent on /api/sync")
-
-    def _on_transition(self, msg: Transition) -> None:
-        if msg.start_version != self._remote_version:
-            raise ProtocolError("Transition does not start at the client's current version")
-        end_ts = decode_ts(msg.end_version.ts)
-        for modification in msg.modifications:
-            if not isinstance(modification, QueryRemoved):
-                self._query_set.apply(modification)
-        self._remote_version = msg.end_version
-        self._max_observed_ts = max(self._max_observed_ts, end_ts)
-        self._requests.on_transition(end_ts)
-        if self._auth.on_identity_advanced(msg.start_version.identity, msg.end_version.identity):
-            convex_logger.debug("server confirmed auth (%s)", redact(self._auth.token))
-        self._check_synced()
-
-    def _check_synced(self) -> None:
-        # The backoff resets only once the client has caught up after a reconnect: every
-        # query re-added has an answer and every request outstanding then has finished.
-        if self._synced_since_reconnect:
-            return
-        if self._query_set.has_all_results() and not self._requests.has_outstanding(
-            self._restart_request_ids
-        ):
-            self._synced_since_reconnect = True
-            self._retries = 0
-
-    def _on_auth_error(self, msg: AuthError) -> None:
-        ws_logger.warning("server rejected auth: %s", msg.error)
-        self._auth.on_rejected(msg.error)
+    def _on_synced(self) -> None:
+        # Backoff resets only once the client has caught up after a reconnect, so a server
+        # that accepts sockets and then drops them keeps the delays growing.
+        self._retries = 0
+        self._protocol_failures = 0
+        self._publish_status()
 
     def _terminate(self, error: DartvexError, state: ConnectionState) -> None:
-        if self._terminal_error is not None:
+        if self._core.terminal_error is not None:
             return
         self._set_state(state)
-        self._state = state
-        self._terminal_error = error
+        self._core.terminate(error)
         self._out = None
-        self._requests.fail_all(error)
-        self._auth.fail_waiters(error)
-        for query in self._query_set.queries():
-            for waker in query.subscribers:
-                waker.set()
-
-
-class Subscription:
-    """A live query. Iterate it with ``async for``; each item is the query's current value.
-
-    A failing query raises ConvexError from the iteration; the subscription stays
-    registered, so iterating again waits for the next result. Closing the client ends
-    every subscription with ClientClosedError.
-    """
-
-    def __init__(self, client: ConvexClient, udf_path: str, args: list[Any]) -> None:
-        self._client = client
-        self._waker = asyncio.Event()
-        self._query: LocalQuery | None = client._subscribe(udf_path, args, self._waker)
-        self._seen_version = 0
-        self.name = udf_path
-
-    def __repr__(self) -> str:
-        state = "closed" if self._query is None else f"query_id={self._query.query_id}"
-        return f"<Subscription {self.name} {state}>"
-
-    async def next(self) -> Any:
-        """Wait for a result newer than the last one returned, and return it.
-
-        Raises StopAsyncIteration once the subscription is closed.
-        """
-        while True:
-            query = self._query
-            if query is None:
-                raise StopAsyncIteration
-            if self._client._terminal_error is not None:
-                raise self._client._terminal_error
-            if query.result_version > self._seen_version and query.result is not None:
-                self._seen_version = query.result_version
-                return query.result.unwrap()
-            self._waker.clear()
-            await self._waker.wait()
-
-    def close(self) -> None:
-        """Unsubscribe. Idempotent."""
-        query, self._query = self._query, None
-        self._waker.set()  # wake a pending next() so it sees the subscription is closed
-        if query is not None and self._client._terminal_error is None:
-            self._client._unsubscribe(query, self._waker)
-
-    async def aclose(self) -> None:
-        self.close()
-
-    async def __aenter__(self) -> Self:
-        return self
-
-    async def __aexit__(self, *exc_info: object) -> None:
-        self.close()
-
-    async def __aiter__(self) -> AsyncGenerator[Any, None]:
-        try:
-            while True:
-                try:
-                    value = await self.next()
-                except StopAsyncIteration:
-                    return
-                yield value
-        finally:
-            self.close()
+        self._status.set(self._snapshot())
+        self._status.close()

@@ -149,7 +149,8 @@ class QueryUpdated(msgspec.Struct, rename="camel", tag_field="type", tag="QueryU
     query_id: int
     value: msgspec.Raw
     log_lines: list[str] = []
-    journal: str | None = None
+    # UNSET when the key is absent (keep the last journal); None clears it.
+    journal: str | msgspec.UnsetType | None = msgspec.UNSET
 
 
 class QueryFailed(msgspec.Struct, rename="camel", tag_field="type", tag="QueryFailed"):
@@ -157,7 +158,7 @@ class QueryFailed(msgspec.Struct, rename="camel", tag_field="type", tag="QueryFa
     error_message: str
     log_lines: list[str] = []
     error_data: msgspec.Raw = NO_DATA
-    journal: str | None = None
+    journal: str | msgspec.UnsetType | None = msgspec.UNSET
 
 
 class QueryRemoved(msgspec.Struct, rename="camel", tag_field="type", tag="QueryRemoved"):

@@ -2,12 +2,14 @@
 
 Identical subscriptions (same canonical function path, same encoded arguments) share one
 server query and one query id. Query ids are never reused. Everything here is plain,
-synchronous bookkeeping; the client decides what to send.
+synchronous bookkeeping; the sync core decides what to send.
 """
 
 from __future__ import annotations
 
 import asyncio
+import copy
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -17,7 +19,7 @@ from .._errors import ConvexError
 from ._protocol import AddQuery, ModifyQuerySet, QueryFailed, QueryUpdated, RemoveQuery
 from ._values import decode_raw_or_none, decode_value
 
-__all__ = ["LocalQuery", "QueryResult", "QuerySet", "canonical_udf_path"]
+__all__ = ["LocalQuery", "QueryResult", "QuerySet", "canonical_udf_path", "query_token"]
 
 _args_encoder = msgspec.json.Encoder()
 
@@ -26,28 +28,44 @@ def canonical_udf_path(name: str) -> str:
     """``"messages.js:list"`` and ``"messages:list"`` name the same function."""
     if not isinstance(name, str) or not name:
         raise ValueError("function name must be a non-empty string such as 'messages:list'")
-    module, sep, export = name.partition(":")
+    module, sep, export = name.rpartition(":")
     if not sep:
-        export = "default"
+        module, export = name, "default"
     if module.endswith(".js"):
         module = module[:-3]
+    if not module or not export:
+        raise ValueError(f"invalid function name {name!r}; expected 'module:function'")
     return f"{module}:{export}"
+
+
+def query_token(udf_path: str, encoded_args: list[Any]) -> bytes:
+    """The identity of a query: its canonical path and its encoded (key-sorted) args."""
+    return _args_encoder.encode([udf_path, encoded_args])
 
 
 @dataclass(slots=True)
 class QueryResult:
-    """The server's latest answer for one query: a value, or an error."""
+    """One answer for a query: a value (raw from the server, or a Python value from an
+    optimistic update) or an error."""
 
-    value: msgspec.Raw | None
-    error: ConvexError | None
-    log_lines: list[str]
+    raw: msgspec.Raw | None = None
+    value: Any = None
+    error: ConvexError | None = None
+    log_lines: list[str] = field(default_factory=list)
 
     def unwrap(self) -> Any:
-        """The decoded value, or raise the query's error."""
+        """A fresh copy of the value, or raise the query's error."""
         if self.error is not None:
             raise self.error
-        assert self.value is not None
-        return decode_value(msgspec.json.decode(self.value))
+        if self.raw is not None:
+            return decode_value(msgspec.json.decode(self.raw))
+        return copy.deepcopy(self.value)
+
+    def value_or_none(self) -> Any:
+        """The value, or None for an error (what an optimistic update reads)."""
+        if self.error is not None:
+            return None
+        return self.unwrap()
 
 
 @dataclass(slots=True, eq=False)
@@ -59,15 +77,40 @@ class LocalQuery:
     args: list[Any]
     token: bytes
     journal: str | None = None
-    result: QueryResult | None = None
-    # Bumped on every new result, so subscribers can tell what they have already seen.
-    result_version: int = 0
+    server: QueryResult | None = None
+    # Set by optimistic updates: a value (QueryResult) shown instead of the server's, or
+    # LOADING while an update has cleared the query.
+    optimistic: QueryResult | None = None
+    optimistic_loading: bool = False
+    # Bumped whenever what subscribers see changes, so each can tell what it has seen.
+    version: int = 0
+    # Bumped only on server results: one-shot query() waits for the server, not overlays.
+    server_version: int = 0
     subscribers: set[asyncio.Event] = field(default_factory=set)
+
+    @property
+    def effective(self) -> QueryResult | None:
+        """What subscribers see: the optimistic view when there is one, else the server's.
+        None while loading."""
+        if self.optimistic_loading:
+            return None
+        if self.optimistic is not None:
+            return self.optimistic
+        return self.server
+
+    @property
+    def has_pending_writes(self) -> bool:
+        return self.optimistic is not None or self.optimistic_loading
 
     def add_modification(self) -> AddQuery:
         return AddQuery(
             query_id=self.query_id, udf_path=self.udf_path, args=self.args, journal=self.journal
         )
+
+    def notify(self) -> None:
+        self.version += 1
+        for waker in self.subscribers:
+            waker.set()
 
 
 class QuerySet:
@@ -78,21 +121,26 @@ class QuerySet:
         self._by_id: dict[int, LocalQuery] = {}
         self._next_query_id = 0
         self.version = 0
+        # Query ids re-added on the current socket that have not had an answer yet.
+        self._awaiting_first_answer: set[int] = set()
 
     def __len__(self) -> int:
         return len(self._by_id)
 
+    def __iter__(self) -> Iterator[LocalQuery]:
+        return iter(list(self._by_id.values()))
+
     def get(self, query_id: int) -> LocalQuery | None:
         return self._by_id.get(query_id)
 
-    def queries(self) -> list[LocalQuery]:
-        return list(self._by_id.values())
+    def by_token(self, token: bytes) -> LocalQuery | None:
+        return self._by_token.get(token)
 
     def subscribe(
         self, udf_path: str, encoded_args: list[Any], waker: asyncio.Event
     ) -> tuple[LocalQuery, AddQuery | None]:
         """Register a subscriber; returns the query and the Add to send when it is new."""
-        token = _args_encoder.encode([udf_path, encoded_args])
+        token = query_token(udf_path, encoded_args)
         query = self._by_token.get(token)
         if query is not None:
             query.subscribers.add(waker)
@@ -111,6 +159,7 @@ class QuerySet:
             return None
         del self._by_id[query.query_id]
         del self._by_token[query.token]
+        self._awaiting_first_answer.discard(query.query_id)
         return RemoveQuery(query_id=query.query_id)
 
     def modify(self, modifications: list[AddQuery | RemoveQuery]) -> ModifyQuerySet:
@@ -122,29 +171,47 @@ class QuerySet:
         return msg
 
     def restart(self) -> ModifyQuerySet:
-        """The first ModifyQuerySet on a new socket: version 0 -> 1, every live query."""
+        """The first ModifyQuerySet on a new socket: version 0 -> 1, every live query.
+
+        Sent even when empty: the server answers it with a Transition, which tells the
+        client the socket is in sync.
+        """
         self.version = 0
+        self._awaiting_first_answer = set(self._by_id)
         return self.modify([q.add_modification() for q in self._by_id.values()])
 
     def apply(self, modification: QueryUpdated | QueryFailed) -> LocalQuery | None:
-        """Store a server result; returns the query to notify (None when already removed)."""
+        """Store a server result; returns the query (None when it was already removed)."""
         query = self._by_id.get(modification.query_id)
         if query is None:
             # The server had not processed our Remove yet.
             return None
+        self._awaiting_first_answer.discard(query.query_id)
         if isinstance(modification, QueryUpdated):
-            query.result = QueryResult(modification.value, None, modification.log_lines)
+            query.server = QueryResult(raw=modification.value, log_lines=modification.log_lines)
         else:
-            data = decode_raw_or_none(modification.error_data)
             error = ConvexError(
-                modification.error_message, data=data, log_lines=modification.log_lines
+                modification.error_message,
+                data=decode_raw_or_none(modification.error_data),
+                log_lines=modification.log_lines,
             )
-            query.result = QueryResult(None, error, modification.log_lines)
-        query.journal = modification.journal
-        query.result_version += 1
-        for waker in query.subscribers:
-            waker.set()
+            query.server = QueryResult(error=error, log_lines=modification.log_lines)
+        # An absent journal keeps the last one; an explicit null clears it.
+        if modification.journal is not msgspec.UNSET:
+            query.journal = modification.journal
+        query.server_version += 1
         return query
 
-    def has_all_results(self) -> bool:
-        return all(q.result is not None for q in self._by_id.values())
+    def removed_by_server(self, query_id: int) -> LocalQuery | None:
+        """The server dropped a query we still hold: show it as an error to subscribers."""
+        query = self._by_id.get(query_id)
+        if query is None:
+            return None
+        self._awaiting_first_answer.discard(query_id)
+        query.server = QueryResult(error=ConvexError("the server removed this query"))
+        query.server_version += 1
+        return query
+
+    def synced(self) -> bool:
+        """True once every query re-added on this socket has had an answer."""
+        return not self._awaiting_first_answer

@@ -68,18 +68,20 @@ class RequestManager:
         if request is not None and request.status == "not_sent":
             request.status = "sent"
 
-    def on_response(self, msg: MutationResponse | ActionResponse, observed_ts: int) -> None:
+    def on_response(self, msg: MutationResponse | ActionResponse, observed_ts: int) -> set[int]:
+        """Handle a response; returns the ids of requests it finished (for optimistic
+        layers to drop)."""
         request = self._inflight.get(msg.request_id)
         if request is None or request.status == "completed":
-            return  # a duplicate answer to a re-sent mutation, or a cancelled caller
+            return set()  # a duplicate answer to a re-sent mutation, or a cancelled caller
         if not msg.success:
             del self._inflight[msg.request_id]
             _fail(request, _function_error(msg))
-            return
+            return {msg.request_id}
         if isinstance(msg, ActionResponse):
             del self._inflight[msg.request_id]
             _succeed(request, msg.result)
-            return
+            return {msg.request_id}
         assert msg.ts is not None  # the decoder rejects a successful response without ts
         request.status = "completed"
         request.ts = decode_ts(msg.ts)
@@ -87,13 +89,22 @@ class RequestManager:
         if request.ts <= observed_ts:
             del self._inflight[msg.request_id]
             _succeed(request, request.result)
+            return {msg.request_id}
+        return set()
 
-    def on_transition(self, ts: int) -> None:
-        """Resolve every completed mutation whose write this Transition made visible."""
-        done = [rid for rid, r in self._inflight.items() if r.status == "completed" and r.ts <= ts]
-        for rid in done:
+    def on_transition(self, ts: int) -> set[int]:
+        """Resolve every completed mutation whose write this Transition made visible;
+        returns their ids."""
+        done = {rid for rid, r in self._inflight.items() if r.status == "completed" and r.ts <= ts}
+        for rid in sorted(done):
             request = self._inflight.pop(rid)
             _succeed(request, request.result)
+        return done
+
+    def counts(self) -> tuple[int, int]:
+        """(mutations, actions) in flight."""
+        mutations = sum(1 for r in self._inflight.values() if r.is_mutation)
+        return mutations, len(self._inflight) - mutations
 
     def restart(self) -> list[MutationMsg | ActionMsg]:
         """What to send on a new socket, in request order; fails actions already sent."""

@@ -1,0 +1,114 @@
+"""Subscription: a live query as an async iterator."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncGenerator
+from typing import Any, Self
+
+from ._query_set import LocalQuery
+from ._sync import SyncCore
+
+__all__ = ["Subscription"]
+
+
+class Subscription:
+    """A live query. Iterate it with ``async for``; each item is the query's current value.
+
+    * The first item is the current value (at once, when another subscription to the same
+      query already has it), then one item per change.
+    * A slow consumer skips intermediate values but always gets the latest one.
+    * A failing query raises ConvexError from the iteration. The subscription stays
+      registered, so calling ``next()`` again waits for the next result.
+    * Leaving the ``async for`` loop (``break``, an exception, cancellation), ``close()``
+      or ``async with`` unsubscribes.
+    * Closing the client ends the iteration with ClientClosedError; a server FatalError
+      with ServerFatalError.
+    """
+
+    def __init__(self, core: SyncCore, udf_path: str, args: list[Any]) -> None:
+        self._core = core
+        self._waker = asyncio.Event()
+        self._query: LocalQuery | None = core.subscribe(udf_path, args, self._waker)
+        self._seen_version = 0
+        self.name = udf_path
+
+    def __repr__(self) -> str:
+        state = "closed" if self._query is None else f"query_id={self._query.query_id}"
+        return f"<Subscription {self.name} {state}>"
+
+    @property
+    def has_pending_writes(self) -> bool:
+        """True while an optimistic update is shown instead of the server's value."""
+        return self._query is not None and self._query.has_pending_writes
+
+    def current(self) -> Any:
+        """The latest value without waiting; raises LookupError while loading, or the
+        query's ConvexError when it failed."""
+        if self._query is None:
+            raise LookupError("this subscription is closed")
+        result = self._query.effective
+        if result is None:
+            raise LookupError("no result yet")
+        return result.unwrap()
+
+    async def next(self) -> Any:
+        """Wait for a value newer than the last one returned, and return it.
+
+        Raises StopAsyncIteration once the subscription is closed.
+        """
+        while True:
+            query = self._query
+            if query is None:
+                raise StopAsyncIteration
+            if self._core.terminal_error is not None:
+                raise self._core.terminal_error
+            result = query.effective
+            if query.version > self._seen_version and result is not None:
+                self._seen_version = query.version
+                return result.unwrap()
+            self._waker.clear()
+            await self._waker.wait()
+
+    async def _next_server_result(self) -> Any:
+        """Wait for an answer from the server itself, ignoring optimistic views."""
+        seen = self._query.server_version if self._query is not None else 0
+        if self._query is not None and self._query.server is not None:
+            return self._query.server.unwrap()
+        while True:
+            query = self._query
+            if query is None:
+                raise StopAsyncIteration
+            if self._core.terminal_error is not None:
+                raise self._core.terminal_error
+            if query.server_version > seen and query.server is not None:
+                return query.server.unwrap()
+            self._waker.clear()
+            await self._waker.wait()
+
+    def close(self) -> None:
+        """Unsubscribe. Idempotent."""
+        query, self._query = self._query, None
+        self._waker.set()  # wake a pending next() so it sees the subscription is closed
+        if query is not None and self._core.terminal_error is None:
+            self._core.unsubscribe(query, self._waker)
+
+    async def aclose(self) -> None:
+        self.close()
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        self.close()
+
+    async def __aiter__(self) -> AsyncGenerator[Any, None]:
+        try:
+            while True:
+                try:
+                    value = await self.next()
+                except StopAsyncIteration:
+                    return
+                yield value
+        finally:
+            self.close()

@@ -1,0 +1,249 @@
+"""The sync core: the protocol state machine, with no sockets and no tasks.
+
+It turns user operations into frames and server frames into results. The socket loop in
+``_client.py`` feeds it whole server messages and gives it a ``send`` function that
+queues frames on the current socket (or drops them while there is none: everything a
+new socket needs is rebuilt by ``restart()``).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any, Literal
+
+from .._errors import DartvexError, ProtocolError, ServerFatalError
+from .._logging import convex_logger, redact
+from ._auth import AuthState
+from ._optimistic import OptimisticLayers, OptimisticUpdate
+from ._protocol import (
+    INITIAL_TS,
+    ActionResponse,
+    AddQuery,
+    AuthError,
+    Connect,
+    FatalError,
+    MutationResponse,
+    Ping,
+    QueryRemoved,
+    RemoveQuery,
+    ServerMessage,
+    StateVersion,
+    Transition,
+    TransitionChunk,
+    decode_ts,
+    encode_client_message,
+    encode_ts,
+)
+from ._query_set import LocalQuery, QuerySet
+from ._requests import Request, RequestManager
+
+__all__ = ["INITIAL_VERSION", "Outgoing", "SyncCore"]
+
+INITIAL_VERSION = StateVersion(query_set=0, identity=0, ts=INITIAL_TS)
+
+# A frame for the writer: encoded bytes, or a builder called at send time (so an
+# Authenticate reads the token in force when it goes out), plus the request id it carries.
+Outgoing = tuple[bytes | Callable[[], bytes], int | None]
+
+
+class SyncCore:
+    def __init__(self, session_id: str) -> None:
+        self.session_id = session_id
+        self.query_set = QuerySet()
+        self.requests = RequestManager()
+        self.optimistic = OptimisticLayers(self.query_set)
+        self.auth = AuthState()
+        self.remote_version = INITIAL_VERSION
+        self.max_observed_ts = 0
+        self.connection_count = 0
+        self.last_close_reason: str | None = "InitialConnect"
+        self.terminal_error: DartvexError | None = None
+        # Set by the socket loop: queue a frame on the open socket, or None when closed.
+        self.send: Callable[[Outgoing], None] | None = None
+        # Called with the AuthError message; the socket loop decides what happens next.
+        self.on_auth_error: Callable[[AuthError], None] = self._default_auth_error
+        self._restart_request_ids: set[int] = set()
+        self._synced = True
+        # Called when the client catches up after a reconnect (the socket loop resets its
+        # backoff there).
+        self.on_synced: Callable[[], None] = lambda: None
+
+    # -- user operations ------------------------------------------------------------------
+
+    def _emit(self, frame: bytes | Callable[[], bytes], request_id: int | None = None) -> None:
+        if self.send is not None:
+            self.send((frame, request_id))
+
+    def subscribe(self, udf_path: str, args: list[Any], waker: Any) -> LocalQuery:
+        query, add = self.query_set.subscribe(udf_path, args, waker)
+        if add is not None:
+            self.optimistic.refresh(query)
+            self._modify(add)
+        return query
+
+    def unsubscribe(self, query: LocalQuery, waker: Any) -> None:
+        remove = self.query_set.unsubscribe(query, waker)
+        if remove is not None:
+            self._modify(remove)
+            self._check_synced()
+
+    def _modify(self, change: AddQuery | RemoveQuery) -> None:
+        # While disconnected the change lives only in the query set; the restart
+        # ModifyQuerySet on the next socket carries the whole set.
+        if self.send is not None:
+            self._emit(encode_client_message(self.query_set.modify([change])))
+
+    def request(
+        self,
+        kind: Literal["mutation", "action"],
+        udf_path: str,
+        args: list[Any],
+        optimistic_update: OptimisticUpdate | None = None,
+    ) -> Request:
+        request = self.requests.new_request(kind, udf_path, args)
+        if optimistic_update is not None:
+            try:
+                changed = self.optimistic.add(request.message.request_id, optimistic_update)
+            except BaseException:
+                self.requests.forget(request)
+                raise
+            self._notify_tokens(changed)
+        self._emit(encode_client_message(request.message), request.message.request_id)
+        return request
+
+    def abandon(self, request: Request) -> None:
+        """The caller went away. A request not yet sent is dropped; one already sent stays
+        tracked, so a reconnect re-sends it and the server applies it exactly once."""
+        if request.status == "not_sent":
+            self.requests.forget(request)
+        self._notify_tokens(self.optimistic.rebuild({request.message.request_id}))
+
+    def send_authenticate(self) -> None:
+        self._emit(self._build_authenticate)
+
+    def _build_authenticate(self) -> bytes:
+        msg = self.auth.authenticate_message()
+        convex_logger.debug("sending Authenticate (%s)", redact(msg.value))
+        return encode_client_message(msg)
+
+    # -- socket lifecycle ------------------------------------------------------------------
+
+    def restart(self) -> list[Outgoing]:
+        """Everything a new socket must carry first, in the protocol's order: Connect,
+        Authenticate, the whole query set, unanswered mutations and unsent actions (in
+        request order). Actions already sent on the old socket fail, retryably."""
+        self.auth.reset_socket()
+        self.remote_version = INITIAL_VERSION
+        connect = Connect(
+            session_id=self.session_id,
+            connection_count=self.connection_count,
+            last_close_reason=self.last_close_reason,
+            client_ts=int(time.time() * 1000),
+            max_observed_timestamp=(
+                encode_ts(self.max_observed_ts) if self.max_observed_ts else None
+            ),
+        )
+        frames: list[Outgoing] = [(encode_client_message(connect), None)]
+        if self.auth.is_set:
+            frames.append((self._build_authenticate, None))
+        frames.append((encode_client_message(self.query_set.restart()), None))
+        for msg in self.requests.restart():
+            frames.append((encode_client_message(msg), msg.request_id))
+        self._restart_request_ids = self.requests.outstanding_ids()
+        self._synced = False
+        self.connection_count += 1
+        self.last_close_reason = None
+        return frames
+
+    # -- server messages -------------------------------------------------------------------
+
+    def handle(self, msg: ServerMessage) -> None:
+        """Apply one server message. Raises ProtocolError for a violation (the caller
+        reconnects) and ServerFatalError for FatalError (the caller stops)."""
+        if isinstance(msg, Transition):
+            self._on_transition(msg)
+        elif isinstance(msg, MutationResponse | ActionResponse):
+            if isinstance(msg, MutationResponse) and msg.ts is not None:
+                self.max_observed_ts = max(self.max_observed_ts, decode_ts(msg.ts))
+            dropped = self.requests.on_response(msg, decode_ts(self.remote_version.ts))
+            if dropped:
+                self._notify_tokens(self.optimistic.rebuild(dropped))
+            self._check_synced()
+        elif isinstance(msg, AuthError):
+            self.on_auth_error(msg)
+        elif isinstance(msg, FatalError):
+            raise ServerFatalError(f"the Convex server reported a fatal error: {msg.error}")
+        elif isinstance(msg, Ping):
+            pass
+        elif isinstance(msg, TransitionChunk):  # pragma: no cover - reassembled earlier
+            raise ProtocolError("unexpected TransitionChunk")
+
+    def _on_transition(self, msg: Transition) -> None:
+        if msg.start_version != self.remote_version:
+            raise ProtocolError(
+                "Transition does not start at the client's current version "
+                f"(expected {self.remote_version}, got {msg.start_version})"
+            )
+        end_ts = decode_ts(msg.end_version.ts)
+        changed: list[LocalQuery] = []
+        for modification in msg.modifications:
+            if isinstance(modification, QueryRemoved):
+                query = self.query_set.removed_by_server(modification.query_id)
+            else:
+                query = self.query_set.apply(modification)
+            if query is not None:
+                changed.append(query)
+        self.remote_version = msg.end_version
+        self.max_observed_ts = max(self.max_observed_ts, end_ts)
+        completed = self.requests.on_transition(end_ts)
+        # Drop the layers of mutations this Transition made visible in the same pass that
+        # shows their server results, so no value flickers.
+        tokens = self.optimistic.rebuild(completed) if completed or len(self.optimistic) else set()
+        for query in changed:
+            query.notify()
+        self._notify_tokens(tokens, skip=changed)
+        if self.auth.on_identity_advanced(msg.start_version.identity, msg.end_version.identity):
+            convex_logger.debug("server confirmed auth (%s)", redact(self.auth.token))
+        self._check_synced()
+
+    def _notify_tokens(self, tokens: set[bytes], skip: list[LocalQuery] | None = None) -> None:
+        for token in tokens:
+            query = self.query_set.by_token(token)
+            if query is not None and (skip is None or query not in skip):
+                query.notify()
+
+    def _check_synced(self) -> None:
+        # "Synced past the reconnect": every query re-added has an answer, every request
+        # outstanding at the reconnect has finished, and auth is confirmed.
+        if self._synced:
+            return
+        if (
+            self.query_set.synced()
+            and not self.requests.has_outstanding(self._restart_request_ids)
+            and not self.auth.awaiting_confirmation
+        ):
+            self._synced = True
+            self.on_synced()
+
+    @property
+    def synced(self) -> bool:
+        return self._synced
+
+    def _default_auth_error(self, msg: AuthError) -> None:
+        convex_logger.warning("the Convex server rejected auth: %s", msg.error)
+        self.auth.on_rejected(msg.error)
+
+    # -- termination ---------------------------------------------------------------------
+
+    def terminate(self, error: DartvexError) -> None:
+        """Fail everything pending with ``error``; no further use is possible."""
+        if self.terminal_error is not None:
+            return
+        self.terminal_error = error
+        self.send = None
+        self.requests.fail_all(error)
+        self.auth.fail_waiters(error)
+        for query in self.query_set:
+            for waker in query.subscribers:
+                waker.set()
