@@ -25,7 +25,9 @@ from ._errors import (
 from ._version import __version__
 from .better_auth._client import BetterAuthClient
 from .better_auth._session import BetterAuthSession
-from .convex._client import ConnectionState, ConvexClient, Subscription
+from .convex._client import ConnectionState, ConnectionStatus, ConvexClient
+from .convex._optimistic import OptimisticLocalStore
+from .convex._subscription import Subscription
 from .convex._values import Int64
 
 __all__ = (
@@ -37,12 +39,14 @@ __all__ = (
     "ClientClosedError",
     "ConnectionLostError",
     "ConnectionState",
+    "ConnectionStatus",
     "ConvexClient",
     "ConvexError",
     "DartvexError",
     "Int64",
     "InvalidCredentialsError",
     "InvalidTokenError",
+    "OptimisticLocalStore",
     "ProtocolError",
     "RateLimitedError",
     "RequestTimeoutError",
