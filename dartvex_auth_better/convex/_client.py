@@ -22,6 +22,7 @@ from .._urls import normalize_base_url, sync_url_for
 from .._version import __version__
 from .._watch import Watched
 from ._optimistic import OptimisticUpdate
+from ._pagination import PaginatedQuery
 from ._protocol import Transition, TransitionChunk, decode_server_message
 from ._query_set import canonical_udf_path
 from ._subscription import Subscription
@@ -256,6 +257,17 @@ class ConvexClient:
             return await subscription._next_server_result()
         finally:
             subscription.close()
+
+    def paginated_query(
+        self, name: str, args: Mapping[str, Any] | None = None, *, page_size: int = 20
+    ) -> PaginatedQuery:
+        """A live, growing list over a paginated query (one that takes ``paginationOpts``).
+
+        See PaginatedQuery: iterate it for aggregate snapshots, call ``load_more()`` for
+        the next page.
+        """
+        self._check_usable()
+        return PaginatedQuery(self._core, canonical_udf_path(name), args, page_size=page_size)
 
     async def mutation(
         self,
