@@ -28,6 +28,7 @@ def register_counter(convex: LocalConvex, committed: list[int], on_commit: async
     @convex.mutation("counter:increment")
     def increment(ctx: Any, args: dict[str, Any]) -> float:
         rows = ctx.db.query("counters")
+        value: float
         if rows:
             value = rows[0]["value"] + 1
             ctx.db.patch(rows[0]["_id"], {"value": value})
