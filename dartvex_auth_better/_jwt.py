@@ -12,7 +12,14 @@ from typing import Any
 
 import msgspec
 
-__all__ = ["is_expired", "token_claims", "token_expiry"]
+__all__ = [
+    "MAX_REFRESH_DELAY",
+    "MIN_TOKEN_LIFETIME",
+    "is_expired",
+    "refresh_delay",
+    "token_claims",
+    "token_expiry",
+]
 
 
 def token_claims(token: str) -> dict[str, Any] | None:
@@ -37,10 +44,7 @@ def token_expiry(token: str) -> float | None:
     claims = token_claims(token)
     if claims is None:
         return None
-    exp = claims.get("exp")
-    if isinstance(exp, bool) or not isinstance(exp, int | float):
-        return None
-    return float(exp)
+    return _number(claims.get("exp"))
 
 
 def is_expired(token: str, *, leeway: float = 0.0, now: float | None = None) -> bool:
@@ -53,3 +57,39 @@ def is_expired(token: str, *, leeway: float = 0.0, now: float | None = None) -> 
         return False
     current = time.time() if now is None else now
     return exp <= current + leeway
+
+
+MAX_REFRESH_DELAY = 20 * 24 * 3600.0
+"""The longest refresh delay scheduled (the JS client's setTimeout limit, kept for parity)."""
+
+MIN_TOKEN_LIFETIME = 2.0
+"""Tokens living this long or less are not scheduled for refresh: there is no useful
+moment to do it."""
+
+
+def refresh_delay(token: str, *, leeway: float, now: float | None = None) -> float | None:
+    """Seconds from ``now`` until the token should be replaced, or None to not schedule.
+
+    The delay is the token's own lifetime (``exp - iat``) minus the leeway, clamped to the
+    remaining wall-clock lifetime minus the leeway (a token issued a while ago, or a clock
+    that jumped), floored at 0 and capped at 20 days. A token without ``iat``/``exp``, or
+    living ``MIN_TOKEN_LIFETIME`` seconds or less, is not scheduled.
+    """
+    claims = token_claims(token)
+    if claims is None:
+        return None
+    iat, exp = _number(claims.get("iat")), _number(claims.get("exp"))
+    if iat is None or exp is None:
+        return None
+    lifetime = exp - iat
+    if lifetime <= MIN_TOKEN_LIFETIME:
+        return None
+    current = time.time() if now is None else now
+    delay = min(lifetime - leeway, exp - current - leeway)
+    return min(max(delay, 0.0), MAX_REFRESH_DELAY)
+
+
+def _number(value: object) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    return float(value)

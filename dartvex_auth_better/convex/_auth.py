@@ -1,53 +1,167 @@
-"""Auth state of one ConvexClient: the token in force and server confirmation.
+"""AuthManager: the token in force on one ConvexClient, and keeping it fresh.
 
-The token is read when an Authenticate frame is built, never captured earlier. Auth
-counts as confirmed only when a Transition raises the identity version past the
-Authenticate that carried the token.
+Rules it keeps:
+
+* The token is read when an Authenticate frame is built, never captured earlier, and it
+  is checked against the wall clock before every (re)connect: an expired one is replaced
+  before it is sent.
+* Auth counts as confirmed only when a Transition raises the identity version past the
+  Authenticate that carried the token.
+* A background task replaces the token ``leeway`` seconds before it expires (delay from
+  the token's own lifetime, clamped to what is left of it by the wall clock). It sleeps in
+  short slices and re-reads the wall clock each time, so a machine that slept, or a loop
+  that woke late, refreshes at once instead of sending an expired token.
+* Transient fetch failures (anything but ``None`` or SessionExpiredError) never sign the
+  user out: they are retried with jittered backoff while the session is kept. ``None`` or
+  SessionExpiredError signs out exactly once, and nothing is fetched again until the next
+  ``set_auth``.
+* An AuthError from the server makes the socket loop stop, force-fetch, and reconnect with
+  the fresh token; after two rejected fresh tokens in a row the user is signed out.
+* Every fetch goes through one single-flight slot: concurrent needs share one call.
 """
 
 from __future__ import annotations
 
 import asyncio
+import random
+import time
+from collections.abc import Callable
 
-from .._errors import AuthRejectedError
-from ._protocol import Authenticate
+import anyio
 
-__all__ = ["AuthState"]
+from .._errors import AuthRejectedError, SessionExpiredError
+from .._jwt import is_expired, refresh_delay
+from .._logging import auth_logger as log
+from .._logging import redact
+from .._watch import Watched
+from ._auth_types import FetchToken
+from ._protocol import Authenticate, AuthError
+
+__all__ = ["AuthManager"]
+
+# The refresh task never sleeps longer than this before re-reading the wall clock.
+_WAKE_SLICE = 5.0
+_RETRY_INITIAL = 0.5
+_RETRY_MAX = 30.0
+_MAX_REJECTED_FRESH_TOKENS = 2
+# Treat a token this close to expiry as already expired when (re)connecting: it would not
+# survive the handshake.
+_CONNECT_MARGIN = 2.0
 
 
-class AuthState:
-    def __init__(self) -> None:
+class _SignedOut(Exception):
+    """Internal: the token source says the session is over."""
+
+
+class _Superseded(Exception):
+    """Internal: a newer set_auth/clear replaced the flow this fetch belonged to."""
+
+
+class AuthManager:
+    def __init__(
+        self,
+        *,
+        leeway: float = 10.0,
+        reuse_initial_token: bool = True,
+        expect_auth: bool = False,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        if leeway < 0:
+            raise ValueError("leeway must be >= 0")
+        self.leeway = leeway
+        self.reuse_initial_token = reuse_initial_token
+        self.expect_auth = expect_auth
+        self._clock = clock
+
         self.token: str | None = None
+        self._fetcher: FetchToken | None = None
+        # Bumped by every set_auth/clear: results of fetches started before are dropped.
+        self._generation = 0
+        self._signed_out_latch = False
+        self._configured = asyncio.Event()
+        if not expect_auth:
+            self._configured.set()
+
         # Identity version on the current socket: the base of the next Authenticate.
         self.identity_version = 0
-        # The identity version at which the current token is confirmed, once sent.
         self._awaiting_version: int | None = None
+        self._awaiting_initial = False
+        self._rejections = 0
         self._waiters: list[asyncio.Future[None]] = []
+        self._had_confirmation = False
+
+        self._refresh_at: float | None = None  # wall-clock time
+        self._wake = asyncio.Event()
+        self.reauth_pending = False
+        self.refreshing = Watched(False)
+
+        self._inflight: asyncio.Future[str | None] | None = None
+        self._rng = random.Random()
+
+        # Hooks the client sets.
+        self.send_authenticate: Callable[[], None] = lambda: None
+        self.on_confirmed: Callable[[bool], None] = lambda first: None
+        self.on_signed_out: Callable[[], None] = lambda: None
+
+    # -- configuration -------------------------------------------------------------------
+
+    @property
+    def generation(self) -> int:
+        return self._generation
 
     @property
     def is_set(self) -> bool:
         return self.token is not None
 
     @property
+    def has_fetcher(self) -> bool:
+        return self._fetcher is not None
+
+    @property
     def awaiting_confirmation(self) -> bool:
         return self._awaiting_version is not None
 
-    def set_token(self, token: str | None) -> None:
+    def set_fixed(self, token: str | None) -> None:
+        """A fixed token (no refresh), or None to sign out of Convex."""
+        self._reset()
         self.token = token
+        self._configured.set()
+
+    def set_fetcher(self, fetcher: FetchToken, initial_token: str | None) -> int:
+        """Start a refreshing flow; returns its generation."""
+        self._reset()
+        self._fetcher = fetcher
+        self.token = initial_token
+        self._awaiting_initial = True
+        self._configured.set()
+        return self._generation
+
+    def clear(self) -> None:
+        """Stop refreshing and forget the token (the caller sends Authenticate None)."""
+        self._reset()
+        self._configured.set()
+
+    def _reset(self) -> None:
+        self._generation += 1
+        self._fetcher = None
+        self.token = None
+        self._signed_out_latch = False
+        self._refresh_at = None
+        self._rejections = 0
+        self._awaiting_initial = False
+        self._had_confirmation = False
+        self.reauth_pending = False
+        self.refreshing.set(False)
+        self._wake.set()
+
+    # -- frames --------------------------------------------------------------------------
 
     def reset_socket(self) -> None:
         """A new socket starts with identity version 0 on both sides, and anonymous."""
         self.identity_version = 0
         self._awaiting_version = None
         if self.token is None:
-            # Nothing to send and nothing to confirm: the socket starts anonymous.
             self._resolve_waiters()
-
-    def _resolve_waiters(self) -> None:
-        waiters, self._waiters = self._waiters, []
-        for w in waiters:
-            if not w.done():
-                w.set_result(None)
 
     def authenticate_message(self) -> Authenticate:
         """Build the next Authenticate from the token in force right now."""
@@ -59,9 +173,27 @@ class AuthState:
         return Authenticate(base_version=base, token_type="User", value=self.token)
 
     def add_waiter(self) -> asyncio.Future[None]:
+        """A future resolved when the server confirms the token now in force."""
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._waiters.append(future)
+        if self.token is None and self._awaiting_version is None:
+            future.set_result(None)
+        else:
+            self._waiters.append(future)
         return future
+
+    def _resolve_waiters(self) -> None:
+        waiters, self._waiters = self._waiters, []
+        for w in waiters:
+            if not w.done():
+                w.set_result(None)
+
+    def fail_waiters(self, error: BaseException) -> None:
+        waiters, self._waiters = self._waiters, []
+        for w in waiters:
+            if not w.done():
+                w.set_exception(error)
+
+    # -- server events ---------------------------------------------------------------------
 
     def on_identity_advanced(self, start: int, end: int) -> bool:
         """Called for every Transition; True when it confirmed the pending token."""
@@ -69,21 +201,255 @@ class AuthState:
             return False
         self._awaiting_version = None
         self._resolve_waiters()
+        if self.token is None:
+            return True
+        first = not self._had_confirmation
+        self._had_confirmation = True
+        self._rejections = 0
+        self.refreshing.set(False)
+        log.debug("server confirmed the token (%s)", redact(self.token))
+        if self._fetcher is not None:
+            if self._awaiting_initial and not self.reuse_initial_token:
+                # Parity with the official client: swap the first token for a fresh one.
+                self._refresh_at = self._clock()
+            else:
+                self._schedule()
+            self._awaiting_initial = False
+            self._wake.set()
+        self.on_confirmed(first)
         return True
 
-    def on_rejected(self, message: str) -> None:
-        """The server refused the token: drop it so reconnects do not resend it forever."""
-        self.token = None
+    def on_auth_error(self, msg: AuthError) -> None:
+        """The server rejected a token (the socket closes next)."""
+        if msg.auth_update_attempted is False and self._awaiting_version is not None:
+            # About the previous, expiring token while a new one awaits confirmation.
+            log.debug("ignoring an AuthError about the previous token: %s", msg.error)
+            return
+        if msg.base_version is not None and msg.base_version + 1 < self.identity_version:
+            log.debug("ignoring a stale AuthError: %s", msg.error)
+            return
+        log.warning("the Convex server rejected the token: %s", msg.error)
         self._awaiting_version = None
-        waiters, self._waiters = self._waiters, []
-        for w in waiters:
-            if not w.done():
-                w.set_exception(
-                    AuthRejectedError(f"the Convex server rejected the token: {message}")
-                )
+        if self._fetcher is None or self._signed_out_latch:
+            # A fixed token cannot be replaced: sign out of Convex instead of resending it.
+            self.token = None
+            self.fail_waiters(
+                AuthRejectedError(f"the Convex server rejected the token: {msg.error}")
+            )
+            self.on_signed_out()
+            return
+        self._rejections += 1
+        self.reauth_pending = True
+        self.refreshing.set(True)
 
-    def fail_waiters(self, error: BaseException) -> None:
-        waiters, self._waiters = self._waiters, []
-        for w in waiters:
-            if not w.done():
-                w.set_exception(error)
+    # -- fetching ----------------------------------------------------------------------------
+
+    async def _fetch(self, force: bool) -> str | None:
+        """One fetch through the single-flight slot. Raises _SignedOut at the end of the
+        session; other errors propagate (transient)."""
+        if self._signed_out_latch or self._fetcher is None:
+            raise _SignedOut
+        generation = self._generation
+        while self._inflight is not None:
+            try:
+                token = await asyncio.shield(self._inflight)
+            except asyncio.CancelledError:
+                if self._inflight is None or self._inflight.cancelled():
+                    continue  # the leader was cancelled: try to lead
+                raise
+            return self._accept(token, generation)
+        future: asyncio.Future[str | None] = asyncio.get_running_loop().create_future()
+        self._inflight = future
+        fetcher = self._fetcher
+        try:
+            token = await fetcher(force)
+        except BaseException as exc:
+            if isinstance(exc, asyncio.CancelledError):
+                future.cancel()
+            else:
+                future.set_exception(exc)
+                future.exception()  # retrieved: waiters re-raise their own copy
+            raise
+        else:
+            future.set_result(token)
+        finally:
+            self._inflight = None
+        return self._accept(token, generation)
+
+    def _accept(self, token: str | None, generation: int) -> str | None:
+        if generation != self._generation:
+            raise _Superseded
+        if token is None:
+            raise _SignedOut
+        return token
+
+    async def _fetch_until_done(self, force: bool) -> str:
+        """Fetch, retrying transient failures with jittered backoff. Raises _SignedOut."""
+        delay = _RETRY_INITIAL
+        while True:
+            try:
+                return await self._fetch_checked(force)
+            except (_SignedOut, _Superseded, asyncio.CancelledError):
+                raise
+            except SessionExpiredError as exc:
+                raise _SignedOut from exc
+            except Exception as exc:
+                log.warning(
+                    "token fetch failed (%s); keeping the session and retrying in %.1f s",
+                    type(exc).__name__,
+                    delay,
+                )
+                await anyio.sleep(delay * self._rng.uniform(0.5, 1.5))
+                delay = min(delay * 2, _RETRY_MAX)
+
+    async def _fetch_checked(self, force: bool) -> str:
+        token = await self._fetch(force)
+        assert token is not None
+        return token
+
+    def _sign_out(self) -> None:
+        if self._signed_out_latch:
+            return
+        log.info("the session ended; signed out")
+        self._signed_out_latch = True
+        self._refresh_at = None
+        self.token = None
+        self.reauth_pending = False
+        self.refreshing.set(False)
+        self.fail_waiters(SessionExpiredError("the session ended; sign in again"))
+        self.send_authenticate()
+        self.on_signed_out()
+
+    # -- the socket loop's hooks ------------------------------------------------------------------
+
+    async def before_connect(self) -> None:
+        """Hold the connection until auth is configured (expect_auth) and the token in
+        force is not expired by the wall clock."""
+        await self._configured.wait()
+        if self._fetcher is None or self._signed_out_latch:
+            return
+        if self.token is not None and not is_expired(
+            self.token, leeway=_CONNECT_MARGIN, now=self._clock()
+        ):
+            return
+        generation = self._generation
+        try:
+            token = await self._fetch_until_done(force=self.token is not None)
+        except _Superseded:
+            return
+        except _SignedOut:
+            if generation == self._generation:
+                self._sign_out()
+            return
+        if generation == self._generation:
+            self.token = token
+
+    async def reauthenticate(self) -> None:
+        """After an AuthError: get a fresh token (the socket is down meanwhile)."""
+        self.reauth_pending = False
+        if self._rejections > _MAX_REJECTED_FRESH_TOKENS:
+            log.error(
+                "the Convex server rejected %d fresh tokens in a row; check the deployment's "
+                "auth config (issuer, audience, JWKS). Signing out.",
+                self._rejections,
+            )
+            self._sign_out()
+            return
+        generation = self._generation
+        previous = self.token
+        try:
+            token = await self._fetch_until_done(force=True)
+        except _Superseded:
+            return
+        except _SignedOut:
+            if generation == self._generation:
+                self._sign_out()
+            return
+        if generation != self._generation:
+            return
+        if token == previous and is_expired(token, now=self._clock()):
+            log.warning("the token source returned the same, expired token")
+        self.token = token
+
+    async def initial_fetch(self) -> None:
+        """For set_auth(fetcher) without an initial token: the first token, non-forced,
+        retrying transient failures. Signs out when the source has no session."""
+        generation = self._generation
+        try:
+            token = await self._fetch_until_done(force=False)
+        except _Superseded:
+            return
+        except _SignedOut:
+            if generation == self._generation:
+                self._sign_out()
+            return
+        if generation == self._generation:
+            self.token = token
+
+    async def refresh_now(self) -> None:
+        """A forced fetch now; the new token is sent at once. Raises SessionExpiredError
+        when the session is over."""
+        if self._fetcher is None or self._signed_out_latch:
+            raise SessionExpiredError("there is no session to refresh; sign in")
+        generation = self._generation
+        try:
+            token = await self._fetch_until_done(force=True)
+        except _Superseded:
+            return
+        except _SignedOut:
+            if generation == self._generation:
+                self._sign_out()
+            raise SessionExpiredError("the session ended; sign in again") from None
+        if generation == self._generation and token != self.token:
+            self.token = token
+            self.send_authenticate()
+
+    def _schedule(self) -> None:
+        if self.token is None:
+            self._refresh_at = None
+            return
+        delay = refresh_delay(self.token, leeway=self.leeway, now=self._clock())
+        if delay is None:
+            log.warning("the token has no usable iat/exp or lives too briefly; not refreshing")
+            self._refresh_at = None
+            return
+        self._refresh_at = self._clock() + delay
+        log.debug("next token refresh in %.1f s", delay)
+
+    async def run_refresh_loop(self) -> None:
+        """The background refresh task (runs in the client's task group)."""
+        while True:
+            due = self._refresh_at
+            if due is None or self._fetcher is None or self._signed_out_latch:
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            remaining = due - self._clock()
+            if remaining > 0:
+                self._wake.clear()
+                with anyio.move_on_after(min(remaining, _WAKE_SLICE)):
+                    await self._wake.wait()
+                continue
+            await self._refresh_once()
+
+    async def _refresh_once(self) -> None:
+        generation = self._generation
+        self._refresh_at = None
+        previous = self.token
+        try:
+            token = await self._fetch_until_done(force=True)
+        except _Superseded:
+            return
+        except _SignedOut:
+            if generation == self._generation:
+                self._sign_out()
+            return
+        if generation != self._generation:
+            return
+        if token == previous:
+            # Same token (e.g. the server issued it within the same second): try again
+            # shortly instead of giving up on refreshing, unless it is about to expire.
+            self._refresh_at = self._clock() + 1.0
+            return
+        self.token = token
+        self.send_authenticate()

@@ -5,8 +5,9 @@ from __future__ import annotations
 import asyncio
 import enum
 import math
+import time
 import uuid
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Literal, Self
@@ -21,9 +22,12 @@ from .._logging import convex_logger, redact, ws_logger
 from .._urls import normalize_base_url, sync_url_for
 from .._version import __version__
 from .._watch import Watched
+from ._auth import AuthManager
+from ._auth_types import AuthProvider, FetchToken
+from ._authed import AuthenticatedConvexClient, SessionT
 from ._optimistic import OptimisticUpdate
 from ._pagination import PaginatedQuery
-from ._protocol import Transition, TransitionChunk, decode_server_message
+from ._protocol import AuthError, Transition, TransitionChunk, decode_server_message
 from ._query_set import canonical_udf_path
 from ._subscription import Subscription
 from ._sync import Outgoing, SyncCore
@@ -90,6 +94,14 @@ class ConvexClient:
     cancels every background task and closes the socket (and the aiohttp session, when the
     client created it). The constructor does no I/O.
 
+    Auth: ``set_auth(token)`` for a fixed JWT, ``set_auth(fetch_token)`` for a refreshing
+    token source, or ``with_auth(provider)`` for a whole sign-in lifecycle. With
+    ``expect_auth=True`` nothing (not even the socket) goes out before the first token.
+    ``auth_refresh_leeway`` is how many seconds before expiry a token is replaced;
+    ``reuse_initial_token=False`` swaps a login's first token for a fresh one as soon as the
+    server confirms it (the official client's behaviour; it costs a second token call).
+    ``wall_clock`` is what token expiry is checked against (tests can move it).
+
     Calls have no built-in timeout: wrap them in ``anyio.fail_after`` or
     ``asyncio.timeout``. A mutation cancelled after it was sent stays tracked and is re-sent
     on reconnect, so it applies exactly once; one cancelled before it was sent is dropped.
@@ -103,6 +115,10 @@ class ConvexClient:
         allow_insecure: bool = False,
         connect_timeout: float = 10.0,
         inactivity_timeout: float = 60.0,
+        expect_auth: bool = False,
+        auth_refresh_leeway: float = 10.0,
+        reuse_initial_token: bool = True,
+        wall_clock: Callable[[], float] = time.time,
     ) -> None:
         if connect_timeout <= 0 or inactivity_timeout <= 0:
             raise ValueError("connect_timeout and inactivity_timeout must be positive")
@@ -116,8 +132,19 @@ class ConvexClient:
         self._inactivity_timeout = inactivity_timeout
         self._client_header = f"python-dartvex-auth-better-{__version__}"
 
-        self._core = SyncCore(str(uuid.uuid4()))
+        self._auth = AuthManager(
+            leeway=auth_refresh_leeway,
+            reuse_initial_token=reuse_initial_token,
+            expect_auth=expect_auth,
+            clock=wall_clock,
+        )
+        self._core = SyncCore(str(uuid.uuid4()), self._auth)
         self._core.on_synced = self._on_synced
+        self._core.on_auth_error = self._on_auth_error
+        self._auth.send_authenticate = self._core.send_authenticate
+        self._paused = False
+        self._held: list[Outgoing] = []
+        self._restart_immediately = False
         self._retries = 0
         self._protocol_failures = 0
         self._has_ever_connected = False
@@ -143,6 +170,9 @@ class ConvexClient:
         self._task_group = anyio.create_task_group()
         await self._task_group.__aenter__()
         self._task_group.start_soon(self._run, name="dartvex_auth_better.convex.socket")
+        self._task_group.start_soon(
+            self._auth.run_refresh_loop, name="dartvex_auth_better.convex.auth_refresh"
+        )
         return self
 
     async def __aexit__(
@@ -221,19 +251,90 @@ class ConvexClient:
 
     # -- auth ----------------------------------------------------------------------------
 
-    async def set_auth(self, token: str | None) -> None:
-        """Authenticate the connection with a JWT (None signs out of Convex).
+    async def set_auth(
+        self, auth: str | FetchToken | None, *, initial_token: str | None = None
+    ) -> None:
+        """Authenticate the connection, and return once the server has confirmed it.
 
-        Returns once the server has confirmed the new identity; raises AuthRejectedError
-        when the server refuses the token. Calls made after ``set_auth`` go out after the
-        Authenticate, so awaiting it is not needed for ordering.
+        * ``set_auth("<jwt>")``: a fixed token, never refreshed. If the server rejects it,
+          AuthRejectedError, and the client carries on anonymously.
+        * ``set_auth(fetch_token)``: ``await fetch_token(force_refresh)`` supplies tokens
+          (see FetchToken). The client refreshes before expiry, re-authenticates after
+          server AuthErrors, and keeps the session through transient failures. Requests
+          made meanwhile are held back, never sent anonymously. Pass ``initial_token`` to
+          start with a token you already have. SessionExpiredError when the source says
+          the session is over.
+        * ``set_auth(None)``: sign out of Convex (anonymous from now on).
+
+        Calls made after ``set_auth`` go out after its Authenticate.
         """
         self._check_usable()
-        self._core.auth.set_token(token)
-        convex_logger.debug("auth token set (%s)", redact(token))
-        waiter = self._core.auth.add_waiter()
+        if auth is None or isinstance(auth, str):
+            self._auth.set_fixed(auth)
+            convex_logger.debug("auth token set (%s)", redact(auth))
+            self._core.send_authenticate()
+            self._resume()
+        else:
+            generation = self._auth.set_fetcher(auth, initial_token)
+            if initial_token is None:
+                self._paused = True
+                try:
+                    await self._auth.initial_fetch()
+                finally:
+                    if generation == self._auth.generation:
+                        self._resume()
+            else:
+                self._core.send_authenticate()
+                self._resume()
+        await self._auth.add_waiter()
+
+    async def clear_auth(self) -> None:
+        """Stop refreshing and sign out of Convex (anonymous from now on)."""
+        await self.set_auth(None)
+
+    async def refresh_auth_now(self) -> None:
+        """Fetch a fresh token at once (a forced fetch) and wait for the server to confirm
+        it. Raises SessionExpiredError when the session is over."""
+        self._check_usable()
+        await self._auth.refresh_now()
+        await self._auth.add_waiter()
+
+    @property
+    def is_auth_refreshing(self) -> bool:
+        """True while the client re-authenticates after the server rejected a token."""
+        return self._auth.refreshing.value
+
+    def auth_refreshing_states(self) -> AsyncIterator[bool]:
+        """``is_auth_refreshing`` now, then on every change."""
+        return self._auth.refreshing.changes()
+
+    def with_auth(self, provider: AuthProvider[SessionT]) -> AuthenticatedConvexClient[SessionT]:
+        """Wrap this client with a sign-in lifecycle driven by ``provider`` (e.g. a
+        ConvexBetterAuthProvider). Use one wrapper per client."""
+        return AuthenticatedConvexClient(self, provider)
+
+    def _resume(self) -> None:
+        """Let held frames go, after the Authenticate that was waiting for its token."""
+        if not self._paused:
+            return
+        self._paused = False
+        held, self._held = self._held, []
+        if self._out is None:
+            return  # the next socket rebuilds everything from state
         self._core.send_authenticate()
-        await waiter
+        for frame in held:
+            self._out.send_nowait(frame)
+
+    def _enqueue(self, frame: Outgoing) -> None:
+        if self._paused:
+            self._held.append(frame)
+        elif self._out is not None:
+            self._out.send_nowait(frame)
+
+    def _on_auth_error(self, msg: AuthError) -> None:
+        self._auth.on_auth_error(msg)
+        # The server closes the socket after an AuthError; reconnect without backoff.
+        self._restart_immediately = True
 
     # -- functions -----------------------------------------------------------------------
 
@@ -331,6 +432,10 @@ class ConvexClient:
         assert self._session is not None
         while True:
             self._reconnect_requested.clear()
+            self._restart_immediately = False
+            # Holds the connection until auth is configured (expect_auth) and the token
+            # in force is not expired by the wall clock.
+            await self._auth.before_connect()
             try:
                 with anyio.fail_after(self._connect_timeout):
                     ws = await open_socket(
@@ -357,6 +462,13 @@ class ConvexClient:
             if self._reconnect_requested.is_set():
                 ended = _SocketEnded(self._core.last_close_reason or "", server_caused=False)
             self._set_state(ConnectionState.RECONNECTING)
+            if self._restart_immediately:
+                # Stop, force-fetch, restart: the auth manager gets a fresh token while
+                # the socket is down, and the new socket authenticates with it.
+                if self._auth.reauth_pending:
+                    await self._auth.reauthenticate()
+                self._core.last_close_reason = None
+                continue
             self._core.last_close_reason = ended.reason
             if ended.protocol_error:
                 self._protocol_failures += 1
@@ -382,7 +494,8 @@ class ConvexClient:
         for frame in self._core.restart():
             send.send_nowait(frame)
         self._out = send
-        self._core.send = send.send_nowait
+        self._held = []  # the restart frames rebuild everything held for the old socket
+        self._core.send = self._enqueue
         self._has_ever_connected = True
         self._set_state(ConnectionState.CONNECTED)
         ended = _SocketEnded("ReconnectRequested", server_caused=False)

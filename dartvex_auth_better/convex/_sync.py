@@ -14,7 +14,7 @@ from typing import Any, Literal
 
 from .._errors import DartvexError, ProtocolError, ServerFatalError
 from .._logging import convex_logger, redact
-from ._auth import AuthState
+from ._auth import AuthManager
 from ._optimistic import OptimisticLayers, OptimisticUpdate
 from ._protocol import (
     INITIAL_TS,
@@ -48,12 +48,12 @@ Outgoing = tuple[bytes | Callable[[], bytes], int | None]
 
 
 class SyncCore:
-    def __init__(self, session_id: str) -> None:
+    def __init__(self, session_id: str, auth: AuthManager | None = None) -> None:
         self.session_id = session_id
         self.query_set = QuerySet()
         self.requests = RequestManager()
         self.optimistic = OptimisticLayers(self.query_set)
-        self.auth = AuthState()
+        self.auth = auth if auth is not None else AuthManager()
         self.remote_version = INITIAL_VERSION
         self.max_observed_ts = 0
         self.connection_count = 0
@@ -203,8 +203,7 @@ class SyncCore:
         for query in changed:
             query.notify()
         self._notify_tokens(tokens, skip=changed)
-        if self.auth.on_identity_advanced(msg.start_version.identity, msg.end_version.identity):
-            convex_logger.debug("server confirmed auth (%s)", redact(self.auth.token))
+        self.auth.on_identity_advanced(msg.start_version.identity, msg.end_version.identity)
         self._check_synced()
 
     def _notify_tokens(self, tokens: set[bytes], skip: list[LocalQuery] | None = None) -> None:
@@ -231,8 +230,7 @@ class SyncCore:
         return self._synced
 
     def _default_auth_error(self, msg: AuthError) -> None:
-        convex_logger.warning("the Convex server rejected auth: %s", msg.error)
-        self.auth.on_rejected(msg.error)
+        self.auth.on_auth_error(msg)
 
     # -- termination ---------------------------------------------------------------------
 

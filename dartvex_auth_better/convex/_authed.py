@@ -1,0 +1,191 @@
+"""AuthenticatedConvexClient: a ConvexClient driven by an AuthProvider's sign-in lifecycle."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Mapping
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
+
+from .._logging import auth_logger as log
+from .._watch import Watched
+from ._auth_types import (
+    Authenticated,
+    AuthEvent,
+    AuthLoading,
+    AuthProvider,
+    AuthState,
+    Unauthenticated,
+)
+
+if TYPE_CHECKING:
+    from ._client import ConnectionStatus, ConvexClient
+    from ._optimistic import OptimisticUpdate
+    from ._pagination import PaginatedQuery
+    from ._subscription import Subscription
+
+__all__ = ["AuthenticatedConvexClient", "SessionT"]
+
+SessionT = TypeVar("SessionT")
+
+
+class AuthenticatedConvexClient(Generic[SessionT]):
+    """A ConvexClient plus a sign-in lifecycle.
+
+    ``login``/``sign_up``/``login_from_cache`` go through the provider, hand its token
+    source to the client and return once the Convex server has confirmed the identity.
+    From then on the client keeps the identity fresh (see ConvexClient.set_auth). The auth
+    state (Unauthenticated, AuthLoading, Authenticated(session)) is a current value and an
+    async stream; ``auth_events()`` yields SIGNED_IN, TOKEN_REFRESHED and SIGNED_OUT.
+
+    Function calls are the client's own: ``query``, ``subscribe``, ``mutation``,
+    ``action``, ``paginated_query``.
+    """
+
+    def __init__(self, client: ConvexClient, provider: AuthProvider[SessionT]) -> None:
+        self.client = client
+        self.provider = provider
+        self._state: Watched[AuthState] = Watched(Unauthenticated())
+        self._pending: SessionT | None = None
+        self._listeners: set[asyncio.Queue[AuthEvent]] = set()
+        self._generation = 0
+        client._auth.on_confirmed = self._on_confirmed
+        client._auth.on_signed_out = self._on_signed_out
+
+    def __repr__(self) -> str:
+        return f"AuthenticatedConvexClient({self.client!r}, state={self._state.value!r})"
+
+    # -- the lifecycle -----------------------------------------------------------------
+
+    async def login(self, *args: Any, **kwargs: Any) -> SessionT:
+        """Sign in through the provider (e.g. ``login(email, password)``)."""
+        return await self._start(self.provider.login(*args, **kwargs))
+
+    async def sign_up(self, *args: Any, **kwargs: Any) -> SessionT:
+        """Create an account through the provider and sign it in."""
+        return await self._start(self.provider.sign_up(*args, **kwargs))
+
+    async def login_from_cache(self) -> SessionT:
+        """Restore the session the provider persisted (e.g. after a restart)."""
+        return await self._start(self.provider.login_from_cache())
+
+    async def logout(self) -> None:
+        """Sign out on the server and here. The client is anonymous afterwards, even when
+        the provider's sign-out call fails (its error propagates)."""
+        self._generation += 1
+        was_signed_in = not isinstance(self._state.value, Unauthenticated)
+        try:
+            await self.provider.logout()
+        finally:
+            self._pending = None
+            await self.client.clear_auth()
+            self._state.set(Unauthenticated())
+            if was_signed_in:
+                self._emit(AuthEvent.SIGNED_OUT)
+
+    async def refresh_now(self) -> None:
+        """Get a fresh token at once and wait for the server to confirm it."""
+        await self.client.refresh_auth_now()
+
+    async def _start(self, sign_in: Any) -> SessionT:
+        self._generation += 1
+        generation = self._generation
+        self._state.set(AuthLoading())
+        try:
+            session: SessionT = await sign_in
+        except BaseException:
+            if generation == self._generation:
+                self._state.set(Unauthenticated())
+            raise
+        if generation != self._generation:
+            return session  # a newer login or logout took over
+        self._pending = session
+        try:
+            await self.client.set_auth(
+                self.provider.fetch_token, initial_token=self.provider.token_of(session)
+            )
+        except BaseException:
+            if generation == self._generation:
+                self._pending = None
+                self._state.set(Unauthenticated())
+            raise
+        return session
+
+    def _on_confirmed(self, first: bool) -> None:
+        if self._pending is not None and not isinstance(self._state.value, Authenticated):
+            self._state.set(Authenticated(self._pending))
+            self._emit(AuthEvent.SIGNED_IN)
+        elif not first or isinstance(self._state.value, Authenticated):
+            self._emit(AuthEvent.TOKEN_REFRESHED)
+
+    def _on_signed_out(self) -> None:
+        log.info("signed out: the session ended")
+        was_signed_in = not isinstance(self._state.value, Unauthenticated)
+        self._pending = None
+        self._state.set(Unauthenticated())
+        if was_signed_in:
+            self._emit(AuthEvent.SIGNED_OUT)
+
+    # -- state and events -------------------------------------------------------------------
+
+    @property
+    def auth_state(self) -> AuthState:
+        return self._state.value
+
+    def auth_states(self) -> AsyncIterator[AuthState]:
+        """The current auth state, then every change (a slow reader sees the latest)."""
+        return self._state.changes()
+
+    @property
+    def is_refreshing(self) -> bool:
+        """True while the client re-authenticates after the server rejected a token."""
+        return self.client.is_auth_refreshing
+
+    def refreshing_states(self) -> AsyncIterator[bool]:
+        return self.client.auth_refreshing_states()
+
+    async def auth_events(self) -> AsyncIterator[AuthEvent]:
+        """Every auth event from now on, none skipped."""
+        queue: asyncio.Queue[AuthEvent] = asyncio.Queue()
+        self._listeners.add(queue)
+        try:
+            while True:
+                yield await queue.get()
+        finally:
+            self._listeners.discard(queue)
+
+    def _emit(self, event: AuthEvent) -> None:
+        log.debug("auth event %s", event.value)
+        for queue in self._listeners:
+            queue.put_nowait(event)
+
+    # -- the client's calls -----------------------------------------------------------------
+
+    def subscribe(self, name: str, args: Mapping[str, Any] | None = None) -> Subscription:
+        return self.client.subscribe(name, args)
+
+    async def query(self, name: str, args: Mapping[str, Any] | None = None) -> Any:
+        return await self.client.query(name, args)
+
+    async def mutation(
+        self,
+        name: str,
+        args: Mapping[str, Any] | None = None,
+        *,
+        optimistic_update: OptimisticUpdate | None = None,
+    ) -> Any:
+        return await self.client.mutation(name, args, optimistic_update=optimistic_update)
+
+    async def action(self, name: str, args: Mapping[str, Any] | None = None) -> Any:
+        return await self.client.action(name, args)
+
+    def paginated_query(
+        self, name: str, args: Mapping[str, Any] | None = None, *, page_size: int = 20
+    ) -> PaginatedQuery:
+        return self.client.paginated_query(name, args, page_size=page_size)
+
+    @property
+    def connection_status(self) -> ConnectionStatus:
+        return self.client.connection_status
+
+    def connection_statuses(self) -> AsyncIterator[ConnectionStatus]:
+        return self.client.connection_statuses()
