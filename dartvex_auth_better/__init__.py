@@ -11,6 +11,8 @@ from ._errors import (
     ClientClosedError,
     ConnectionLostError,
     ConvexError,
+    ConvexHttpError,
+    ConvexHttpResponseError,
     DartvexError,
     InvalidCredentialsError,
     InvalidTokenError,
@@ -26,6 +28,7 @@ from ._version import __version__
 from .better_auth._client import BetterAuthClient
 from .better_auth._session import BetterAuthSession
 from .convex._client import ConnectionState, ConnectionStatus, ConvexClient
+from .convex._http import ConvexHttpClient
 from .convex._optimistic import OptimisticLocalStore
 from .convex._subscription import Subscription
 from .convex._values import Int64
@@ -42,6 +45,9 @@ __all__ = (
     "ConnectionStatus",
     "ConvexClient",
     "ConvexError",
+    "ConvexHttpClient",
+    "ConvexHttpError",
+    "ConvexHttpResponseError",
     "DartvexError",
     "Int64",
     "InvalidCredentialsError",

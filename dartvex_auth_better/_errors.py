@@ -8,7 +8,8 @@
     │   └── RequestTimeoutError     no answer in time; also a builtin ``TimeoutError``
     ├── ProtocolError               a server answered with something we cannot use:
     │   │                           non-JSON, wrong shape, a broken sync-protocol frame
-    │   └── BetterAuthResponseError   ... from a Better Auth endpoint (also BetterAuthError)
+    │   ├── BetterAuthResponseError   ... from a Better Auth endpoint (also BetterAuthError)
+    │   └── ConvexHttpResponseError   ... from the Convex HTTP API (also ConvexHttpError)
     ├── BetterAuthError             Better Auth answered with an error (status, code, message)
     │   │                           retryable=True for 5xx and 429
     │   ├── RateLimitedError        429; ``.retry_after`` seconds when the server says
@@ -20,6 +21,10 @@
     │   └── BetterAuthResponseError (see ProtocolError)
     ├── ConvexError                 a Convex function failed; ``.data`` carries the
     │                               ConvexError payload thrown by the function, if any
+    ├── ConvexHttpError             the Convex HTTP API answered without a function result:
+    │   │                           an error status (path, status, code, message);
+    │   │                           retryable=True for 5xx (except 560) and 429
+    │   └── ConvexHttpResponseError (see ProtocolError)
     ├── AuthRejectedError           the Convex server refused the auth token
     ├── ConnectionLostError         the socket dropped while an action was in flight; the
     │                               action may or may not have run. retryable=True
@@ -40,6 +45,8 @@ __all__ = [
     "ClientClosedError",
     "ConnectionLostError",
     "ConvexError",
+    "ConvexHttpError",
+    "ConvexHttpResponseError",
     "DartvexError",
     "InvalidCredentialsError",
     "InvalidTokenError",
@@ -161,6 +168,43 @@ class ConvexError(DartvexError):
         super().__init__(message, retryable=False)
         self.data = data
         self.log_lines = log_lines or []
+
+
+class ConvexHttpError(DartvexError):
+    """The Convex HTTP API answered a function call without a function result: an error
+    status from the deployment or a proxy in front of it (or, as ConvexHttpResponseError,
+    a body we cannot use).
+
+    ``path`` is the function that was called (``messages:send``), ``status`` the HTTP
+    status, and ``code``/``server_message`` what the server put in its
+    ``{"code", "message"}`` body, when it sent one. Not a ConvexError: no function result
+    came back, and for a mutation or action a 5xx from a proxy does not prove that the
+    function did not run. retryable=True for 5xx (except 560, Convex's "function failed")
+    and 429.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        path: str | None = None,
+        status: int | None = None,
+        code: str | None = None,
+        server_message: str | None = None,
+        retryable: bool | None = None,
+    ) -> None:
+        if retryable is None:
+            retryable = status is not None and ((status >= 500 and status != 560) or status == 429)
+        super().__init__(message, retryable=retryable)
+        self.path = path
+        self.status = status
+        self.code = code
+        self.server_message = server_message
+
+
+class ConvexHttpResponseError(ConvexHttpError, ProtocolError):
+    """The Convex HTTP API (or a proxy in front of it) answered with a body we cannot use:
+    not JSON, JSON of the wrong shape, or a value that is not valid Convex JSON."""
 
 
 class ConnectionLostError(DartvexError):
