@@ -19,6 +19,7 @@ __all__ = [
     "refresh_delay",
     "token_claims",
     "token_expiry",
+    "token_lifetime",
 ]
 
 
@@ -65,6 +66,17 @@ MAX_REFRESH_DELAY = 20 * 24 * 3600.0
 MIN_TOKEN_LIFETIME = 2.0
 """Tokens living this long or less are not scheduled for refresh: there is no useful
 moment to do it."""
+
+
+def token_lifetime(token: str) -> tuple[float | None, float | None]:
+    """``(exp, exp - iat)`` of a token; each None when the claims are missing."""
+    claims = token_claims(token)
+    if claims is None:
+        return None, None
+    iat, exp = _number(claims.get("iat")), _number(claims.get("exp"))
+    if exp is None:
+        return None, None
+    return exp, (exp - iat if iat is not None else None)
 
 
 def refresh_delay(token: str, *, leeway: float, now: float | None = None) -> float | None:

@@ -30,7 +30,7 @@ from collections.abc import Callable
 import anyio
 
 from .._errors import AuthRejectedError, SessionExpiredError
-from .._jwt import is_expired, refresh_delay
+from .._jwt import MAX_REFRESH_DELAY, MIN_TOKEN_LIFETIME, token_lifetime
 from .._logging import auth_logger as log
 from .._logging import redact
 from .._watch import Watched
@@ -91,6 +91,8 @@ class AuthManager:
         self._had_confirmation = False
 
         self._refresh_at: float | None = None  # wall-clock time
+        # When the token in force expires, on this machine's wall clock.
+        self._deadline: float | None = None
         self._wake = asyncio.Event()
         self.reauth_pending = False
         self.refreshing = Watched(False)
@@ -124,14 +126,14 @@ class AuthManager:
     def set_fixed(self, token: str | None) -> None:
         """A fixed token (no refresh), or None to sign out of Convex."""
         self._reset()
-        self.token = token
+        self._use_token(token)
         self._configured.set()
 
     def set_fetcher(self, fetcher: FetchToken, initial_token: str | None) -> int:
         """Start a refreshing flow; returns its generation."""
         self._reset()
         self._fetcher = fetcher
-        self.token = initial_token
+        self._use_token(initial_token)
         self._awaiting_initial = True
         self._configured.set()
         return self._generation
@@ -144,9 +146,8 @@ class AuthManager:
     def _reset(self) -> None:
         self._generation += 1
         self._fetcher = None
-        self.token = None
+        self._use_token(None)
         self._signed_out_latch = False
-        self._refresh_at = None
         self._rejections = 0
         self._awaiting_initial = False
         self._had_confirmation = False
@@ -212,10 +213,8 @@ class AuthManager:
             if self._awaiting_initial and not self.reuse_initial_token:
                 # Parity with the official client: swap the first token for a fresh one.
                 self._refresh_at = self._clock()
-            else:
-                self._schedule()
+                self._wake.set()
             self._awaiting_initial = False
-            self._wake.set()
         self.on_confirmed(first)
         return True
 
@@ -232,7 +231,7 @@ class AuthManager:
         self._awaiting_version = None
         if self._fetcher is None or self._signed_out_latch:
             # A fixed token cannot be replaced: sign out of Convex instead of resending it.
-            self.token = None
+            self._use_token(None)
             self.fail_waiters(
                 AuthRejectedError(f"the Convex server rejected the token: {msg.error}")
             )
@@ -312,8 +311,7 @@ class AuthManager:
             return
         log.info("the session ended; signed out")
         self._signed_out_latch = True
-        self._refresh_at = None
-        self.token = None
+        self._use_token(None)
         self.reauth_pending = False
         self.refreshing.set(False)
         self.fail_waiters(SessionExpiredError("the session ended; sign in again"))
@@ -328,9 +326,7 @@ class AuthManager:
         await self._configured.wait()
         if self._fetcher is None or self._signed_out_latch:
             return
-        if self.token is not None and not is_expired(
-            self.token, leeway=_CONNECT_MARGIN, now=self._clock()
-        ):
+        if self.token is not None and not self._expires_within(_CONNECT_MARGIN):
             return
         generation = self._generation
         try:
@@ -342,7 +338,7 @@ class AuthManager:
                 self._sign_out()
             return
         if generation == self._generation:
-            self.token = token
+            self._use_token(token)
 
     async def reauthenticate(self) -> None:
         """After an AuthError: get a fresh token (the socket is down meanwhile)."""
@@ -367,9 +363,9 @@ class AuthManager:
             return
         if generation != self._generation:
             return
-        if token == previous and is_expired(token, now=self._clock()):
+        if token == previous and self._expires_within(0):
             log.warning("the token source returned the same, expired token")
-        self.token = token
+        self._use_token(token)
 
     async def initial_fetch(self) -> None:
         """For set_auth(fetcher) without an initial token: the first token, non-forced,
@@ -384,7 +380,7 @@ class AuthManager:
                 self._sign_out()
             return
         if generation == self._generation:
-            self.token = token
+            self._use_token(token)
 
     async def refresh_now(self) -> None:
         """A forced fetch now; the new token is sent at once. Raises SessionExpiredError
@@ -401,20 +397,48 @@ class AuthManager:
                 self._sign_out()
             raise SessionExpiredError("the session ended; sign in again") from None
         if generation == self._generation and token != self.token:
-            self.token = token
+            self._use_token(token)
             self.send_authenticate()
 
-    def _schedule(self) -> None:
-        if self.token is None:
-            self._refresh_at = None
+    def _use_token(self, token: str | None) -> None:
+        """Put a token in force and schedule its replacement.
+
+        Its expiry on this machine's clock is ``exp``, but never later than now plus its
+        own lifetime (``exp - iat``). A token that looks expired on arrival means this
+        clock runs ahead of the issuer's: then the lifetime alone counts, so a skewed
+        clock cannot cause a refresh storm.
+        """
+        self.token = token
+        self._deadline = None
+        self._refresh_at = None
+        if token is None:
             return
-        delay = refresh_delay(self.token, leeway=self.leeway, now=self._clock())
-        if delay is None:
+        now = self._clock()
+        exp, lifetime = token_lifetime(token)
+        if exp is None:
+            return  # no expiry to honour; the server decides
+        if lifetime is not None and exp <= now + 1:
+            log.warning(
+                "a fresh token already looks expired by this machine's clock; the clock is "
+                "probably ahead of the issuer's. Using the token's lifetime instead."
+            )
+            self._deadline = now + lifetime
+        elif lifetime is not None:
+            self._deadline = min(exp, now + lifetime)
+        else:
+            self._deadline = exp
+        if self._fetcher is None:
+            return
+        if lifetime is None or lifetime <= MIN_TOKEN_LIFETIME:
             log.warning("the token has no usable iat/exp or lives too briefly; not refreshing")
-            self._refresh_at = None
             return
-        self._refresh_at = self._clock() + delay
+        delay = min(max(self._deadline - self.leeway - now, 0.0), MAX_REFRESH_DELAY)
+        self._refresh_at = now + delay
+        self._wake.set()
         log.debug("next token refresh in %.1f s", delay)
+
+    def _expires_within(self, margin: float) -> bool:
+        return self._deadline is not None and self._clock() >= self._deadline - margin
 
     async def run_refresh_loop(self) -> None:
         """The background refresh task (runs in the client's task group)."""
@@ -447,9 +471,9 @@ class AuthManager:
         if generation != self._generation:
             return
         if token == previous:
-            # Same token (e.g. the server issued it within the same second): try again
-            # shortly instead of giving up on refreshing, unless it is about to expire.
+            # Same token (the server issues identical JWTs within one second): try again
+            # shortly instead of giving up on refreshing.
             self._refresh_at = self._clock() + 1.0
             return
-        self.token = token
+        self._use_token(token)
         self.send_authenticate()

@@ -1,0 +1,298 @@
+"""Auth that never lapses, driven by a bare token fetcher against a real LocalConvex.
+
+The fetcher mints real RS256 JWTs (TestTokenIssuer) that LocalConvex verifies and whose
+expiry it enforces; no part of the SDK is mocked.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import anyio
+import anyio.lowlevel
+import pytest
+
+from dartvex_auth_better import (
+    AuthRejectedError,
+    ConvexClient,
+    SessionExpiredError,
+    TransportError,
+)
+from dartvex_auth_better.testing import LocalConvex, TestTokenIssuer, register_demo_app
+
+pytestmark = [pytest.mark.anyio]
+
+
+class TokenSource:
+    """A fetcher with a call log. ``fail_next`` transient failures, then tokens; ``None``
+    once ``signed_out`` is set."""
+
+    def __init__(self, issuer: TestTokenIssuer, *, ttl: float = 900, sub: str = "user-1") -> None:
+        self.issuer = issuer
+        self.ttl = ttl
+        self.sub = sub
+        self.calls: list[bool] = []
+        self.tokens: list[str] = []
+        self.fail_next = 0
+        self.signed_out = False
+        self.bad_tokens = False
+        self.called = asyncio.Event()
+
+    async def __call__(self, force_refresh: bool) -> str | None:
+        self.calls.append(force_refresh)
+        self.called.set()
+        await anyio.lowlevel.checkpoint()
+        if self.signed_out:
+            return None
+        if self.fail_next:
+            self.fail_next -= 1
+            raise TransportError("token endpoint unreachable (test)")
+        issuer = TestTokenIssuer(self.issuer.issuer) if self.bad_tokens else self.issuer
+        # A distinct iat per call makes every token distinct (the real server's JWTs
+        # repeat within the same second).
+        token = issuer.mint(self.sub, ttl=self.ttl, iat=time.time(), n=len(self.calls))
+        self.tokens.append(token)
+        return token
+
+
+@pytest.fixture
+async def issuer() -> TestTokenIssuer:
+    return TestTokenIssuer()
+
+
+@pytest.fixture
+async def convex(issuer: TestTokenIssuer) -> AsyncIterator[LocalConvex]:
+    async with LocalConvex(jwks=issuer.jwks, issuer=issuer.issuer) as server:
+        register_demo_app(server)
+        yield server
+
+
+async def test_fetcher_auth_is_confirmed_and_seen_by_functions(issuer, convex):
+    source = TokenSource(issuer)
+    async with ConvexClient(convex.url) as client:
+        with anyio.fail_after(10):
+            await client.set_auth(source)
+            me = await client.query("users:whoami")
+    assert me["subject"] == "user-1"
+    # reuse_initial_token (the default): one fetch per login, not two.
+    assert source.calls == [False]
+
+
+async def test_parity_mode_swaps_the_first_token_for_a_fresh_one(issuer, convex):
+    source = TokenSource(issuer)
+    async with ConvexClient(convex.url, reuse_initial_token=False) as client:
+        with anyio.fail_after(10):
+            await client.set_auth(source)
+            record = await convex.wait_for_connections(1)
+            await record.wait_for_frame(
+                "Authenticate", predicate=lambda f: f.get("value") == source.tokens[-1], after=0
+            )
+            while len(source.calls) < 2:
+                source.called.clear()
+                await source.called.wait()
+            await convex.wait_for_tokens(2, timeout=20)
+    assert source.calls == [False, True]
+    assert [t.token for t in convex.received_tokens] == source.tokens
+
+
+async def test_refresh_keeps_an_idle_client_authenticated(issuer, convex):
+    # 4-second tokens, refreshed 2 s before expiry: several lifetimes in ~9 s.
+    source = TokenSource(issuer, ttl=4)
+    async with ConvexClient(convex.url, auth_refresh_leeway=2) as client:
+        with anyio.fail_after(20):
+            await client.set_auth(source)
+            await convex.wait_for_tokens(4, timeout=20)
+            me = await client.query("users:whoami")
+    assert me["subject"] == "user-1"
+    assert all(not t.was_expired for t in convex.received_tokens)
+    assert all(t.accepted for t in convex.received_tokens)
+    assert source.calls[0] is False and all(source.calls[1:])
+    # Only one socket: refreshes re-authenticate in place.
+    assert len(convex.connections) == 1
+
+
+async def test_transient_failures_keep_the_session(issuer, convex):
+    source = TokenSource(issuer, ttl=4)
+    async with ConvexClient(convex.url, auth_refresh_leeway=2) as client:
+        with anyio.fail_after(25):
+            await client.set_auth(source)
+            source.fail_next = 3  # the next refresh fails three times in a row
+            await convex.wait_for_tokens(2, timeout=20)
+            me = await client.query("users:whoami")
+    assert me is not None and me["subject"] == "user-1"
+    assert source.fail_next == 0
+    assert len(source.calls) >= 5  # 1 initial + 3 failures + 1 success
+
+
+async def test_signed_out_once_then_no_more_calls(issuer, convex):
+    source = TokenSource(issuer, ttl=4)
+    async with ConvexClient(convex.url, auth_refresh_leeway=2) as client:
+        with anyio.fail_after(15):
+            await client.set_auth(source)
+            source.signed_out = True
+            # The next scheduled refresh learns the session is over.
+            while True:
+                await client.query("users:whoami")
+                if client._auth.token is None:
+                    break
+                source.called.clear()
+                await source.called.wait()
+            calls_at_sign_out = len(source.calls)
+            assert await client.query("users:whoami") is None  # anonymous now
+            with pytest.raises(SessionExpiredError):
+                await client.refresh_auth_now()
+    assert len(source.calls) == calls_at_sign_out
+
+
+async def test_wall_clock_jump_past_exp_is_noticed(issuer, convex):
+    offset = 0.0
+
+    def clock() -> float:
+        return time.time() + offset
+
+    source = TokenSource(issuer, ttl=600)
+    async with ConvexClient(convex.url, wall_clock=clock) as client:
+        with anyio.fail_after(15):
+            await client.set_auth(source)
+            assert source.calls == [False]
+            # The machine slept for an hour: the loop's timers did not notice, the wall
+            # clock did. The refresh task re-reads the wall clock every few seconds.
+            offset = 3600.0
+            source.called.clear()
+            await source.called.wait()
+            await convex.wait_for_tokens(2, timeout=20)
+    assert source.calls == [False, True]
+
+
+async def test_expired_token_is_replaced_before_a_reconnect(issuer, convex):
+    offset = 0.0
+
+    def clock() -> float:
+        return time.time() + offset
+
+    source = TokenSource(issuer, ttl=600)
+    async with ConvexClient(convex.url, wall_clock=clock) as client:
+        with anyio.fail_after(15):
+            await client.set_auth(source)
+            offset = 3600.0
+            await convex.drop_connections()
+            await convex.wait_for_connections(2)
+            second = convex.connections[1]
+            auth = await second.wait_for_frame("Authenticate")
+    # The new socket carried a freshly fetched token, not the one "expired" by the clock.
+    assert auth["value"] == source.tokens[-1]
+    assert len(source.tokens) == 2 and source.calls[-1] is True
+
+
+async def test_auth_error_stops_fetches_and_restarts(issuer, convex):
+    source = TokenSource(issuer)
+    async with ConvexClient(convex.url) as client:
+        with anyio.fail_after(15):
+            await client.set_auth(source)
+            await convex.send_auth_error("token expired", auth_update_attempted=False)
+            await convex.wait_for_connections(2)
+            second = convex.connections[1]
+            connect = await second.wait_for_frame("Connect")
+            auth = await second.wait_for_frame("Authenticate")
+            me = await client.query("users:whoami")
+    assert connect["lastCloseReason"] is None  # an auth restart, not a failure
+    assert auth["value"] == source.tokens[-1] != source.tokens[0]
+    assert source.calls == [False, True]
+    assert me["subject"] == "user-1"
+    assert not client.is_auth_refreshing
+
+
+async def test_rejected_fresh_tokens_sign_out_after_two_retries(issuer, convex):
+    source = TokenSource(issuer)
+    source.bad_tokens = True
+    async with ConvexClient(convex.url) as client:
+        with anyio.fail_after(15), pytest.raises(SessionExpiredError):
+            await client.set_auth(source)
+        with anyio.fail_after(10):
+            assert await client.query("users:whoami") is None
+    # The first token plus two re-fetches after rejections, then no more.
+    assert len(source.calls) == 3
+    assert not any(t.accepted for t in convex.received_tokens)
+
+
+async def test_fixed_token_rejected_is_not_resent(issuer, convex):
+    other = TestTokenIssuer(issuer.issuer)
+    async with ConvexClient(convex.url) as client:
+        with anyio.fail_after(10), pytest.raises(AuthRejectedError):
+            await client.set_auth(other.mint("intruder"))
+        with anyio.fail_after(10):
+            assert await client.query("users:whoami") is None
+    assert len(convex.received_tokens) == 1
+
+
+async def test_expect_auth_sends_nothing_before_the_first_token(issuer, convex):
+    source = TokenSource(issuer)
+    source.fail_next = 2  # the first fetch fails twice: requests must wait, not go anonymous
+    async with ConvexClient(convex.url, expect_auth=True) as client:
+        subscription = client.subscribe("messages:list")
+        mutation_done: list[Any] = []
+
+        async def send() -> None:
+            mutation_done.append(await client.mutation("messages:send", {"body": "first"}))
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(send)
+            await anyio.wait_all_tasks_blocked()
+            assert convex.connections == []  # not even a socket yet
+            with anyio.fail_after(15):
+                await client.set_auth(source)
+                rows = await subscription.next()
+                while not rows:
+                    rows = await subscription.next()
+        subscription.close()
+    frames = convex.connections[0].frames
+    types = [f["type"] for f in frames]
+    assert types[:2] == ["Connect", "Authenticate"]
+    assert types.index("Authenticate") < types.index("ModifyQuerySet")
+    assert types.index("Authenticate") < types.index("Mutation")
+    assert [r["body"] for r in rows] == ["first"]
+    assert len(mutation_done) == 1
+
+
+async def test_requests_during_a_failing_first_fetch_are_held_back(issuer, convex):
+    source = TokenSource(issuer)
+    source.fail_next = 2
+    async with ConvexClient(convex.url) as client:
+        with anyio.fail_after(10):
+            await client.wait_connected()
+            record = await convex.wait_for_connections(1)
+            # Anonymous for now: a query works and is anonymous.
+            assert await client.query("users:whoami") is None
+        results: list[Any] = []
+
+        async def authenticate() -> None:
+            await client.set_auth(source)
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(authenticate)
+            await source.called.wait()  # the fetch is under way (and failing)
+            with anyio.fail_after(15):
+                results.append(await client.query("users:whoami"))
+    assert results[0]["subject"] == "user-1"  # held back, then sent authenticated
+    frames = record.frames
+    auth_index = next(i for i, f in enumerate(frames) if f["type"] == "Authenticate")
+    adds_after = [
+        i
+        for i, f in enumerate(frames)
+        if f["type"] == "ModifyQuerySet" and any(m["type"] == "Add" for m in f["modifications"])
+    ]
+    assert len(adds_after) == 2 and adds_after[1] > auth_index
+
+
+async def test_leaving_async_with_cancels_the_refresh_task(issuer, convex):
+    source = TokenSource(issuer, ttl=4)
+    async with ConvexClient(convex.url, auth_refresh_leeway=2) as client:
+        with anyio.fail_after(10):
+            await client.set_auth(source)
+        names = {t.get_name() for t in asyncio.all_tasks() if not t.done()}
+        assert "dartvex_auth_better.convex.auth_refresh" in names
+    names = {t.get_name() for t in asyncio.all_tasks() if not t.done()}
+    assert not any(n.startswith("dartvex_auth_better.convex") for n in names)
