@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import msgspec
 
 from .._logging import redact
@@ -14,7 +16,13 @@ class BetterAuthSession(msgspec.Struct, frozen=True, kw_only=True):
 
     ``token`` is the Convex JWT (short-lived, for ``ConvexClient.set_auth``);
     ``session_token`` is the Better Auth bearer token (long-lived; persist it to sign in
-    again after a restart). Neither is ever shown by ``repr`` or ``str``.
+    again after a restart with :meth:`BetterAuthClient.get_session`). ``user_id`` is the
+    Better Auth user id (the JWT's ``sub``), ``email`` and ``name`` the user's, when the
+    server told us.
+
+    Immutable, compared and hashed by value. Neither token is ever shown by ``repr``,
+    ``str`` or rich's pretty printer (only their last characters); encode the struct with
+    ``msgspec`` when you do want to store them.
     """
 
     token: str
@@ -31,3 +39,13 @@ class BetterAuthSession(msgspec.Struct, frozen=True, kw_only=True):
         )
 
     __str__ = __repr__
+
+    def __rich_repr__(self) -> list[tuple[str, Any]]:
+        # msgspec's own __rich_repr__ lists every field as it is, tokens included.
+        return [
+            ("user_id", self.user_id),
+            ("email", self.email),
+            ("name", self.name),
+            ("token", redact(self.token)),
+            ("session_token", redact(self.session_token)),
+        ]

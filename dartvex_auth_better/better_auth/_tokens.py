@@ -8,13 +8,14 @@ non-empty JSON ``token``, else the session cookie. Cookies are matched by name s
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 from urllib.parse import unquote
 
 __all__ = [
     "CONVEX_JWT_COOKIE",
     "SESSION_COOKIE",
+    "cookie_names",
     "cookie_value",
     "find_session_token",
 ]
@@ -27,13 +28,18 @@ CONVEX_JWT_COOKIE = "better-auth.convex_jwt"
 _FOLDED_COOKIE_SPLIT = re.compile(r",\s*(?=[^;,=\s]+=)")
 
 
-def _cookie_pairs(set_cookie_headers: Iterable[str]) -> Iterable[tuple[str, str]]:
+def _cookie_pairs(set_cookie_headers: Iterable[str]) -> Iterator[tuple[str, str]]:
     for header in set_cookie_headers:
         for cookie in _FOLDED_COOKIE_SPLIT.split(header):
             name, sep, rest = cookie.partition("=")
             if not sep:
                 continue
             yield name.strip(), rest.split(";", 1)[0].strip()
+
+
+def cookie_names(set_cookie_headers: Iterable[str]) -> set[str]:
+    """The names of the cookies that Set-Cookie headers set (or clear)."""
+    return {name for name, _ in _cookie_pairs(set_cookie_headers) if name}
 
 
 def cookie_value(set_cookie_headers: Iterable[str], name_suffix: str) -> str | None:
@@ -48,7 +54,11 @@ def cookie_value(set_cookie_headers: Iterable[str], name_suffix: str) -> str | N
 def find_session_token(
     headers: Mapping[str, str], body: Mapping[str, Any] | None, set_cookies: Iterable[str]
 ) -> str | None:
-    """The Better Auth session token of a sign-in-like response, or None."""
+    """The Better Auth session token of a sign-in-like response, or None.
+
+    A body ``token`` that is not a non-empty string is skipped here; the client rejects
+    such a body before it gets this far.
+    """
     header = headers.get("set-auth-token", "").strip()
     if header:
         return header
