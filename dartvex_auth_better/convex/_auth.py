@@ -8,7 +8,8 @@ Rules it keeps:
 * Auth counts as confirmed only when a Transition raises the identity version past the
   Authenticate that carried the token.
 * A background task replaces the token ``leeway`` seconds before it expires (delay from
-  the token's own lifetime, clamped to what is left of it by the wall clock). It sleeps in
+  the token's own lifetime, clamped to what is left of it by the wall clock; the leeway is
+  capped at half the lifetime so short-lived tokens never cause a refresh storm). It sleeps in
   short slices and re-reads the wall clock each time, so a machine that slept, or a loop
   that woke late, refreshes at once instead of sending an expired token.
 * Transient fetch failures (anything but ``None`` or SessionExpiredError) never sign the
@@ -432,7 +433,9 @@ class AuthManager:
         if lifetime is None or lifetime <= MIN_TOKEN_LIFETIME:
             log.warning("the token has no usable iat/exp or lives too briefly; not refreshing")
             return
-        delay = min(max(self._deadline - self.leeway - now, 0.0), MAX_REFRESH_DELAY)
+        # A leeway as long as the token's life would refresh non-stop; use at most half.
+        leeway = min(self.leeway, lifetime / 2)
+        delay = min(max(self._deadline - leeway - now, 0.0), MAX_REFRESH_DELAY)
         self._refresh_at = now + delay
         self._wake.set()
         log.debug("next token refresh in %.1f s", delay)
