@@ -12,8 +12,8 @@ import anyio
 import pytest
 
 from dartvex_auth_better import (
-    AuthEvent,
     Authenticated,
+    AuthEvent,
     BetterAuthClient,
     ConvexBetterAuthProvider,
     ConvexClient,
