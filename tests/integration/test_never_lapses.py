@@ -7,6 +7,8 @@ from __future__ import annotations
 import secrets
 import time
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
 
 import anyio
 import pytest
@@ -33,9 +35,18 @@ async def short_lived_better_auth() -> AsyncIterator[LocalBetterAuth]:
         yield server
 
 
+@dataclass
+class ClientRun:
+    user_id: str
+    me: Any
+    rows: list[Any]
+    sent: int
+    events: list[AuthEvent]
+
+
 async def run_client(
     better_auth: LocalBetterAuth, convex: LocalConvex, *, busy: bool, until: float
-) -> dict[str, object]:
+) -> ClientRun:
     email = f"lapse-{secrets.token_hex(5)}@example.com"
     password = "correct horse battery staple"
     events: list[AuthEvent] = []
@@ -66,14 +77,7 @@ async def run_client(
             me = await client.query("users:whoami")
             rows = await client.query("messages:list")
             tg.cancel_scope.cancel()
-    return {
-        "user_id": session.user_id,
-        "me": me,
-        "rows": rows,
-        "sent": sent,
-        "events": events,
-        "connections": [c for c in convex.connections if c.identity is not None],
-    }
+    return ClientRun(session.user_id, me, rows, sent, events)
 
 
 async def test_idle_and_busy_clients_never_lapse(short_lived_better_auth):
@@ -82,7 +86,7 @@ async def test_idle_and_busy_clients_never_lapse(short_lived_better_auth):
     ) as convex:
         register_demo_app(convex)
         until = time.monotonic() + LIFETIMES * JWT_TTL + 1
-        results: dict[str, dict[str, object]] = {}
+        results: dict[str, ClientRun] = {}
 
         async def run(name: str, busy: bool) -> None:
             results[name] = await run_client(
@@ -106,15 +110,13 @@ async def test_idle_and_busy_clients_never_lapse(short_lived_better_auth):
     assert all(t.accepted for t in tokens)
     # Each client refreshed at least once per lifetime and never had to reconnect.
     for name, result in results.items():
-        user_id = result["user_id"]
-        theirs = [t for t in tokens if (token_claims(t.token) or {}).get("sub") == user_id]
+        theirs = [t for t in tokens if (token_claims(t.token) or {}).get("sub") == result.user_id]
         assert len(theirs) >= LIFETIMES + 1, (name, len(theirs))
-        assert result["me"] is not None and result["me"]["subject"] == user_id  # type: ignore[index]
-        events = result["events"]
-        assert events[0] is AuthEvent.SIGNED_IN  # type: ignore[index]
-        assert AuthEvent.SIGNED_OUT not in events  # type: ignore[operator]
-        assert events.count(AuthEvent.TOKEN_REFRESHED) >= LIFETIMES  # type: ignore[attr-defined]
+        assert result.me is not None and result.me["subject"] == result.user_id
+        assert result.events[0] is AuthEvent.SIGNED_IN
+        assert AuthEvent.SIGNED_OUT not in result.events
+        assert result.events.count(AuthEvent.TOKEN_REFRESHED) >= LIFETIMES
     busy = results["busy"]
-    assert len(busy["rows"]) == busy["sent"] >= LIFETIMES * JWT_TTL - 2  # type: ignore[arg-type]
+    assert len(busy.rows) == busy.sent >= LIFETIMES * JWT_TTL - 2
     # No AuthError ever: each client stayed on its first socket.
     assert len(convex.connections) == 2
