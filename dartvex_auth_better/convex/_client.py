@@ -7,7 +7,7 @@ import enum
 import math
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Literal, Self
@@ -17,7 +17,13 @@ import anyio
 import anyio.abc
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
-from .._errors import ClientClosedError, DartvexError, ProtocolError, ServerFatalError
+from .._errors import (
+    ClientClosedError,
+    DartvexError,
+    ProtocolError,
+    ServerFatalError,
+    TransportError,
+)
 from .._logging import convex_logger, redact, ws_logger
 from .._urls import normalize_base_url, sync_url_for
 from .._version import __version__
@@ -78,11 +84,19 @@ class ConnectionStatus:
 class _SocketEnded(Exception):
     """Internal: why a socket ended, and whether we or the server caused it."""
 
-    def __init__(self, reason: str, *, server_caused: bool, protocol_error: bool = False) -> None:
+    def __init__(
+        self,
+        reason: str,
+        *,
+        server_caused: bool,
+        protocol_error: bool = False,
+        fatal: DartvexError | None = None,
+    ) -> None:
         super().__init__(reason)
         self.reason = reason
         self.server_caused = server_caused
         self.protocol_error = protocol_error
+        self.fatal = fatal
 
 
 class ConvexClient:
@@ -102,6 +116,9 @@ class ConvexClient:
     server confirms it (the official client's behaviour; it costs a second token call).
     ``wall_clock`` is what token expiry is checked against (tests can move it).
 
+    Reconnects wait ``initial_backoff`` seconds (3x for overload reasons; 100 ms after a
+    client-side problem), doubling per retry up to ``max_backoff``, jittered by +-50%.
+
     Calls have no built-in timeout: wrap them in ``anyio.fail_after`` or
     ``asyncio.timeout``. A mutation cancelled after it was sent stays tracked and is re-sent
     on reconnect, so it applies exactly once; one cancelled before it was sent is dropped.
@@ -116,12 +133,18 @@ class ConvexClient:
         connect_timeout: float = 10.0,
         inactivity_timeout: float = 60.0,
         expect_auth: bool = False,
+        initial_backoff: float = 1.0,
+        max_backoff: float = 16.0,
         auth_refresh_leeway: float = 10.0,
         reuse_initial_token: bool = True,
         wall_clock: Callable[[], float] = time.time,
     ) -> None:
         if connect_timeout <= 0 or inactivity_timeout <= 0:
             raise ValueError("connect_timeout and inactivity_timeout must be positive")
+        if not 0 < initial_backoff <= max_backoff:
+            raise ValueError("backoff must satisfy 0 < initial_backoff <= max_backoff")
+        self._initial_backoff = initial_backoff
+        self._max_backoff = max_backoff
         self.url = normalize_base_url(
             deployment_url, name="deployment_url", allow_insecure=allow_insecure
         )
@@ -153,8 +176,9 @@ class ConvexClient:
         self._reconnect_requested = asyncio.Event()
         self._socket_scope: anyio.CancelScope | None = None
         self._out: MemoryObjectSendStream[Outgoing] | None = None
-        self._task_group: anyio.abc.TaskGroup | None = None
+        self._runner: asyncio.Task[None] | None = None
         self._started = False
+        self._closing = False
 
     def __repr__(self) -> str:
         return f"ConvexClient({self.url!r}, state={self._state.value})"
@@ -167,11 +191,10 @@ class ConvexClient:
         self._started = True
         if self._session is None:
             self._session = aiohttp.ClientSession()
-        self._task_group = anyio.create_task_group()
-        await self._task_group.__aenter__()
-        self._task_group.start_soon(self._run, name="dartvex_auth_better.convex.socket")
-        self._task_group.start_soon(
-            self._auth.run_refresh_loop, name="dartvex_auth_better.convex.auth_refresh"
+        # The background work lives in a task group inside one runner task the client
+        # owns, so the client can be closed from any task and in any order.
+        self._runner = asyncio.get_running_loop().create_task(
+            self._run_background(), name="dartvex_auth_better.convex.runner"
         )
         return self
 
@@ -184,19 +207,35 @@ class ConvexClient:
         await self.aclose()
 
     async def aclose(self) -> None:
-        """Close the socket, fail pending calls with ClientClosedError, stop every task."""
-        if self._state is ConnectionState.CLOSED:
+        """Close the socket, fail pending calls with ClientClosedError, stop every task.
+
+        Idempotent; may be called from any task."""
+        if self._closing:
             return
+        self._closing = True
         self._terminate(ClientClosedError("the Convex client was closed"), ConnectionState.CLOSED)
-        task_group, self._task_group = self._task_group, None
+        self._state = ConnectionState.CLOSED
+        runner, self._runner = self._runner, None
         try:
-            if task_group is not None:
-                task_group.cancel_scope.cancel()
-                await task_group.__aexit__(None, None, None)
+            if runner is not None:
+                runner.cancel()
+                with anyio.CancelScope(shield=True):
+                    await asyncio.wait([runner])
         finally:
             if self._owns_session and self._session is not None:
                 with anyio.CancelScope(shield=True):
                     await self._session.close()
+
+    async def _run_background(self) -> None:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(
+                self._guarded, self._connect_forever, name="dartvex_auth_better.convex.socket"
+            )
+            tg.start_soon(
+                self._guarded,
+                self._auth.run_refresh_loop,
+                name="dartvex_auth_better.convex.auth_refresh",
+            )
 
     # -- connection state --------------------------------------------------------------------
 
@@ -417,16 +456,20 @@ class ConvexClient:
 
     # -- the socket loop -----------------------------------------------------------------------
 
-    async def _run(self) -> None:
+    async def _guarded(self, work: Callable[[], Awaitable[None]]) -> None:
         try:
-            await self._connect_forever()
+            await work()
         except Exception as exc:
             # A bug must not leave callers hanging: fail everything with a typed error.
-            convex_logger.exception("the Convex socket task failed")
+            convex_logger.exception("a Convex client background task failed")
             self._terminate(
                 DartvexError(f"the Convex client failed internally: {type(exc).__name__}"),
                 ConnectionState.FATAL,
             )
+        finally:
+            if self._core.terminal_error is not None and self._runner is not None:
+                # Nothing more to do: stop the sibling tasks too.
+                self._runner.cancel()
 
     async def _connect_forever(self) -> None:
         assert self._session is not None
@@ -444,21 +487,44 @@ class ConvexClient:
                         client_header=self._client_header,
                         close_timeout=self._connect_timeout,
                     )
+            except aiohttp.WSServerHandshakeError as exc:
+                if (
+                    not self._has_ever_connected
+                    and 400 <= exc.status < 500
+                    and exc.status
+                    not in (
+                        408,
+                        429,
+                    )
+                ):
+                    # Not a Convex sync endpoint (a wrong URL, e.g. the .convex.site host):
+                    # retrying cannot help, and hanging every call would hide the mistake.
+                    self._terminate(
+                        TransportError(
+                            f"{self._sync_url} refused the WebSocket with HTTP {exc.status}; "
+                            "is this the Convex deployment URL (https://<name>.convex.cloud)?",
+                            retryable=False,
+                        ),
+                        ConnectionState.FATAL,
+                    )
+                    return
+                ended = _SocketEnded(f"ConnectFailed: HTTP {exc.status}", server_caused=True)
+                ws_logger.warning("connect to %s failed: HTTP %s", self._sync_url, exc.status)
             except (aiohttp.ClientError, OSError, TimeoutError) as exc:
                 ended = _SocketEnded(f"ConnectFailed: {type(exc).__name__}", server_caused=True)
-                ws_logger.info("connect to %s failed: %s", self._sync_url, type(exc).__name__)
+                ws_logger.warning("connect to %s failed: %s", self._sync_url, type(exc).__name__)
             else:
                 try:
                     ended = await self._serve_socket(ws)
-                except ServerFatalError as exc:
-                    self._terminate(exc, ConnectionState.FATAL)
-                    return
                 finally:
                     self._socket_scope = None
                     self._out = None
                     self._core.send = None
                     with anyio.CancelScope(shield=True):
                         await ws.close()
+            if ended.fatal is not None:
+                self._terminate(ended.fatal, ConnectionState.FATAL)
+                return
             if self._reconnect_requested.is_set():
                 ended = _SocketEnded(self._core.last_close_reason or "", server_caused=False)
             self._set_state(ConnectionState.RECONNECTING)
@@ -480,10 +546,13 @@ class ConvexClient:
                         ConnectionState.FATAL,
                     )
                     return
+            scale = self._initial_backoff  # 1.0 by default: the official client's numbers
             initial = (
-                initial_backoff_for(ended.reason) if ended.server_caused else CLIENT_INITIAL_BACKOFF
+                initial_backoff_for(ended.reason) * scale
+                if ended.server_caused
+                else min(CLIENT_INITIAL_BACKOFF, scale)
             )
-            delay = backoff_delay(initial, self._retries)
+            delay = backoff_delay(initial, self._retries, maximum=self._max_backoff)
             self._retries += 1
             ws_logger.info("socket ended (%s); reconnecting in %.2f s", ended.reason, delay)
             with anyio.move_on_after(delay):
@@ -563,6 +632,9 @@ class ConvexClient:
                 elif chunks:
                     raise ProtocolError("a message arrived in the middle of a TransitionChunk run")
                 self._core.handle(server_msg)
+            except ServerFatalError as exc:
+                ws_logger.error("%s", exc)
+                return _SocketEnded("FatalError", server_caused=True, fatal=exc)
             except ProtocolError as exc:
                 ws_logger.warning("invalid server message, reconnecting: %s", exc)
                 return _SocketEnded(

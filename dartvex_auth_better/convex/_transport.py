@@ -45,9 +45,15 @@ def initial_backoff_for(server_close_reason: str | None) -> float:
     return SERVER_INITIAL_BACKOFF
 
 
-def backoff_delay(initial: float, retries: int, rng: random.Random | None = None) -> float:
+def backoff_delay(
+    initial: float,
+    retries: int,
+    rng: random.Random | None = None,
+    *,
+    maximum: float = MAX_BACKOFF,
+) -> float:
     """Jittered exponential delay, in seconds, for the given retry count."""
-    base = min(initial * 2.0 ** min(retries, 32), MAX_BACKOFF)
+    base = min(initial * 2.0 ** min(retries, 32), maximum)
     jitter: float = (rng or random).uniform(0.5, 1.5)
     return base * jitter
 
