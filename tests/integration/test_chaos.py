@@ -47,7 +47,9 @@ async def test_500_mutations_apply_exactly_once_through_random_drops():
     commit_seen = asyncio.Event()
     async with LocalConvex() as convex:
         register_counter(convex, committed, commit_seen)
-        async with ConvexClient(convex.url) as client:
+        # Short reconnect delays: the point is many drops, not waiting out the backoff
+        # (whose numbers have their own tests).
+        async with ConvexClient(convex.url, initial_backoff=0.05, max_backoff=0.5) as client:
             subscription = client.subscribe("counter:get")
             with anyio.fail_after(10):
                 assert await subscription.next() == 0

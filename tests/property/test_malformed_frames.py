@@ -4,9 +4,11 @@ protocol error. Never a KeyError, TypeError, AttributeError or a hang."""
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Iterator
 from typing import Any
 
 import msgspec
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -181,14 +183,24 @@ def drive(core: SyncCore, frame: bytes) -> None:
         pass  # the typed outcomes: the socket loop reconnects or stops
 
 
-@settings(max_examples=2000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(frames=st.lists(corrupted_frames(), min_size=1, max_size=4))
-def test_decoder_and_core_only_handle_or_raise_typed_errors(frames: list[bytes]) -> None:
+@pytest.fixture(scope="module")
+def loop() -> Iterator[asyncio.AbstractEventLoop]:
+    # One loop for every example: the core needs a loop for its futures, not a fresh one.
     loop = asyncio.new_event_loop()
-    try:
-        loop.run_until_complete(_check(frames))
-    finally:
-        loop.close()
+    yield loop
+    loop.close()
+
+
+@settings(
+    max_examples=2000,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+)
+@given(frames=st.lists(corrupted_frames(), min_size=1, max_size=4))
+def test_decoder_and_core_only_handle_or_raise_typed_errors(
+    loop: asyncio.AbstractEventLoop, frames: list[bytes]
+) -> None:
+    loop.run_until_complete(_check(frames))
 
 
 async def _check(frames: list[bytes]) -> None:
