@@ -12,7 +12,6 @@ import anyio
 
 from ._errors import ConvexError, DartvexError
 from ._jwt import token_claims
-from ._logging import redact
 
 __all__ = ["main"]
 
@@ -37,9 +36,13 @@ async def run_demo(*, messages: Sequence[str], jwt_ttl_seconds: int) -> None:
     # The testing extra is needed only here; import late so the CLI loads without it.
     from . import BetterAuthClient, ConvexClient
     from .testing import LocalBetterAuth, LocalConvex, register_demo_app
+    from .testing._better_auth import ensure_better_auth_server
 
     say = _Printer()
-    say("starting the real Better Auth server (Node; the first run installs its npm packages)")
+    await ensure_better_auth_server(
+        on_install=lambda: say("first run: installing the Better Auth server's npm packages")
+    )
+    say("starting the real Better Auth server (Node)")
     async with LocalBetterAuth(jwt_ttl_seconds=jwt_ttl_seconds) as better_auth:
         say(f"Better Auth is up at {better_auth.url}")
         async with LocalConvex(jwks_url=better_auth.jwks_url, issuer=better_auth.issuer) as convex:
@@ -54,10 +57,7 @@ async def run_demo(*, messages: Sequence[str], jwt_ttl_seconds: int) -> None:
                 session = await auth.sign_in(email, password)
                 claims = token_claims(session.token) or {}
                 lifetime = int(claims.get("exp", 0)) - int(claims.get("iat", 0))
-                say(
-                    f"signed in: user id {session.user_id}, Convex JWT {redact(session.token)} "
-                    f"valid for {lifetime} s"
-                )
+                say(f"signed in: user id {session.user_id}, Convex JWT valid for {lifetime} s")
 
                 async with ConvexClient(convex.url) as client:
                     say("connecting to Convex and authenticating with the JWT")

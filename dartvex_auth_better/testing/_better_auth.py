@@ -225,6 +225,7 @@ async def ensure_better_auth_server(
     npm_executable: str = "npm",
     node_executable: str | None = None,
     env: Mapping[str, str] | None = None,
+    on_install: Callable[[], None] | None = None,
 ) -> Path:
     """Install the bundled Better Auth server's Node dependencies once; return its directory.
 
@@ -238,7 +239,8 @@ async def ensure_better_auth_server(
     place, under an exclusive file lock, so concurrent processes never install at the same
     time or see a half-installed tree. *npm_executable* names or points at npm;
     *node_executable*, when given, is put first on npm's PATH. *env* overrides variables of
-    the environment npm runs in (``PATH`` too, also for finding npm).
+    the environment npm runs in (``PATH`` too, also for finding npm). *on_install* is
+    called just before an actual install starts (to tell a person why this takes a while).
 
     Raises :class:`LocalStackError` when npm is missing or ``npm ci`` fails.
     """
@@ -255,6 +257,8 @@ async def ensure_better_auth_server(
         if await anyio.to_thread.run_sync(_is_installed, target):
             return target  # another process finished while we waited for the lock
         npm = _resolve_executable(npm_executable, env)
+        if on_install is not None:
+            on_install()
         staging = await anyio.to_thread.run_sync(_prepare_staging, root, digest, files)
         try:
             await _npm_ci(npm, staging, _npm_env(env, node_executable))
