@@ -16,17 +16,26 @@ from ._errors import (
     DartvexError,
     InvalidCredentialsError,
     InvalidTokenError,
+    NoSessionError,
     ProtocolError,
     RateLimitedError,
     RequestTimeoutError,
     ServerFatalError,
     SessionExpiredError,
+    SessionStoreError,
     TransportError,
     UserAlreadyExistsError,
 )
 from ._version import __version__
 from .better_auth._client import BetterAuthClient
+from .better_auth._provider import ConvexBetterAuthProvider
 from .better_auth._session import BetterAuthSession
+from .better_auth._storage import (
+    FileSessionStore,
+    KeyringSessionStore,
+    MemorySessionStore,
+    SessionStore,
+)
 from .convex._client import ConnectionState, ConnectionStatus, ConvexClient
 from .convex._http import ConvexHttpClient
 from .convex._optimistic import OptimisticLocalStore
@@ -43,21 +52,28 @@ __all__ = (
     "ConnectionLostError",
     "ConnectionState",
     "ConnectionStatus",
+    "ConvexBetterAuthProvider",
     "ConvexClient",
     "ConvexError",
     "ConvexHttpClient",
     "ConvexHttpError",
     "ConvexHttpResponseError",
     "DartvexError",
+    "FileSessionStore",
     "Int64",
     "InvalidCredentialsError",
     "InvalidTokenError",
+    "KeyringSessionStore",
+    "MemorySessionStore",
+    "NoSessionError",
     "OptimisticLocalStore",
     "ProtocolError",
     "RateLimitedError",
     "RequestTimeoutError",
     "ServerFatalError",
     "SessionExpiredError",
+    "SessionStore",
+    "SessionStoreError",
     "Subscription",
     "TransportError",
     "UserAlreadyExistsError",

@@ -26,6 +26,10 @@
     │   │                           retryable=True for 5xx (except 560) and 429
     │   └── ConvexHttpResponseError (see ProtocolError)
     ├── AuthRejectedError           the Convex server refused the auth token
+    ├── NoSessionError              there is no session to restore or use: nothing was
+    │                               persisted, or it was forgotten; sign in first
+    ├── SessionStoreError           a session store cannot read, write or delete: an I/O
+    │                               error, keyring not installed or without a backend
     ├── ConnectionLostError         the socket dropped while an action was in flight; the
     │                               action may or may not have run. retryable=True
     ├── ServerFatalError            the sync server sent FatalError; the client stops
@@ -50,11 +54,13 @@ __all__ = [
     "DartvexError",
     "InvalidCredentialsError",
     "InvalidTokenError",
+    "NoSessionError",
     "ProtocolError",
     "RateLimitedError",
     "RequestTimeoutError",
     "ServerFatalError",
     "SessionExpiredError",
+    "SessionStoreError",
     "TransportError",
     "UserAlreadyExistsError",
 ]
@@ -224,3 +230,21 @@ class ClientClosedError(DartvexError):
 class AuthRejectedError(DartvexError):
     """The Convex server refused the auth token (bad signature, wrong issuer or audience,
     expired). Get a fresh token and try again."""
+
+
+class NoSessionError(DartvexError):
+    """There is no Better Auth session to restore: no ``initial_session_token`` was given
+    and the session store holds none (never persisted, or forgotten after a logout or a
+    final expiry). Sign in with credentials.
+
+    Like SessionExpiredError, it means "sign in again", but no server was asked.
+    """
+
+
+class SessionStoreError(DartvexError):
+    """A session store could not read, write or delete the persisted session.
+
+    Raised for I/O errors of a file store, and by the keyring store when the optional
+    ``keyring`` package is not installed, when the machine has no keyring backend, or
+    when the backend fails. The message says which; the cause is chained.
+    """
