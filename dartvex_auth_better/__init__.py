@@ -36,6 +36,16 @@ from .better_auth._storage import (
     MemorySessionStore,
     SessionStore,
 )
+from .convex._auth_types import (
+    Authenticated,
+    AuthEvent,
+    AuthLoading,
+    AuthProvider,
+    AuthState,
+    FetchToken,
+    Unauthenticated,
+)
+from .convex._authed import AuthenticatedConvexClient
 from .convex._client import ConnectionState, ConnectionStatus, ConvexClient
 from .convex._http import ConvexHttpClient
 from .convex._optimistic import OptimisticLocalStore
@@ -43,7 +53,13 @@ from .convex._subscription import Subscription
 from .convex._values import Int64
 
 __all__ = (
+    "AuthEvent",
+    "AuthLoading",
+    "AuthProvider",
     "AuthRejectedError",
+    "AuthState",
+    "Authenticated",
+    "AuthenticatedConvexClient",
     "BetterAuthClient",
     "BetterAuthError",
     "BetterAuthResponseError",
@@ -59,6 +75,7 @@ __all__ = (
     "ConvexHttpError",
     "ConvexHttpResponseError",
     "DartvexError",
+    "FetchToken",
     "FileSessionStore",
     "Int64",
     "InvalidCredentialsError",
@@ -76,6 +93,7 @@ __all__ = (
     "SessionStoreError",
     "Subscription",
     "TransportError",
+    "Unauthenticated",
     "UserAlreadyExistsError",
     "__version__",
 )
