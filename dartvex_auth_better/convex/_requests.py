@@ -31,6 +31,8 @@ class Request:
     status: Literal["not_sent", "sent", "completed"] = "not_sent"
     ts: int = 0
     result: msgspec.Raw | None = None
+    # The caller went away (cancelled) but the request may still reach the server.
+    abandoned: bool = False
 
     @property
     def is_mutation(self) -> bool:
@@ -106,6 +108,18 @@ class RequestManager:
         mutations = sum(1 for r in self._inflight.values() if r.is_mutation)
         return mutations, len(self._inflight) - mutations
 
+    def on_disconnect(self) -> None:
+        """The socket closed. Actions sent on it fail now (retryably), not when a later
+        socket opens: that may take long, or never happen. Requests whose caller went away
+        and that never reached the wire are forgotten: they must never be sent."""
+        for rid in sorted(self._inflight):
+            request = self._inflight[rid]
+            if request.status == "not_sent" and request.abandoned:
+                del self._inflight[rid]
+            elif not request.is_mutation and request.status == "sent":
+                del self._inflight[rid]
+                _fail(request, _connection_lost(request))
+
     def restart(self) -> list[MutationMsg | ActionMsg]:
         """What to send on a new socket, in request order; fails actions already sent."""
         to_send: list[MutationMsg | ActionMsg] = []
@@ -115,13 +129,7 @@ class RequestManager:
                 to_send.append(request.message)
             elif request.status == "sent":
                 del self._inflight[rid]
-                _fail(
-                    request,
-                    ConnectionLostError(
-                        f"connection lost while action {request.message.udf_path!r} was in "
-                        "flight; it may or may not have run"
-                    ),
-                )
+                _fail(request, _connection_lost(request))
             else:
                 to_send.append(request.message)
         return to_send
@@ -137,6 +145,13 @@ class RequestManager:
         self._inflight.clear()
         for request in requests:
             _fail(request, error)
+
+
+def _connection_lost(request: Request) -> ConnectionLostError:
+    return ConnectionLostError(
+        f"connection lost while action {request.message.udf_path!r} was in flight; it may "
+        "or may not have run"
+    )
 
 
 def _function_error(msg: MutationResponse | ActionResponse) -> ConvexError:

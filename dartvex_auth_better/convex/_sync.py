@@ -59,8 +59,10 @@ class SyncCore:
         self.connection_count = 0
         self.last_close_reason: str | None = "InitialConnect"
         self.terminal_error: DartvexError | None = None
-        # Set by the socket loop: queue a frame on the open socket, or None when closed.
-        self.send: Callable[[Outgoing], None] | None = None
+        self._send: Callable[[Outgoing], None] | None = None
+        # Set when the server sent FatalError: the socket loop closes the socket, then
+        # terminates with that error, which must reach every pending call.
+        self._fatal_seen = False
         # Called with the AuthError message; the socket loop decides what happens next.
         self.on_auth_error: Callable[[AuthError], None] = self._default_auth_error
         self._restart_request_ids: set[int] = set()
@@ -68,6 +70,19 @@ class SyncCore:
         # Called when the client catches up after a reconnect (the socket loop resets its
         # backoff there).
         self.on_synced: Callable[[], None] = lambda: None
+
+    @property
+    def send(self) -> Callable[[Outgoing], None] | None:
+        """Set by the socket loop: queues a frame on the open socket; None while there is
+        none. Setting it back to None tells the core that the socket closed."""
+        return self._send
+
+    @send.setter
+    def send(self, send: Callable[[Outgoing], None] | None) -> None:
+        closed = send is None and self._send is not None
+        self._send = send
+        if closed and self.terminal_error is None and not self._fatal_seen:
+            self.requests.on_disconnect()
 
     # -- user operations ------------------------------------------------------------------
 
@@ -79,6 +94,8 @@ class SyncCore:
         query, add = self.query_set.subscribe(udf_path, args, waker)
         if add is not None:
             self.optimistic.refresh(query)
+            if query.effective is not None:
+                query.notify()  # an optimistic value is already there: show it at once
             self._modify(add)
         return query
 
@@ -113,9 +130,12 @@ class SyncCore:
         return request
 
     def abandon(self, request: Request) -> None:
-        """The caller went away. A request not yet sent is dropped; one already sent stays
-        tracked, so a reconnect re-sends it and the server applies it exactly once."""
-        if request.status == "not_sent":
+        """The caller went away. A request no socket has is dropped; one already handed to
+        the socket stays tracked (the writer sends what is queued), so a reconnect re-sends
+        it and the server applies it exactly once. If that socket closes before writing
+        it, it is dropped then (``RequestManager.on_disconnect``)."""
+        request.abandoned = True
+        if request.status == "not_sent" and self.send is None:
             self.requests.forget(request)
         self._notify_tokens(self.optimistic.rebuild({request.message.request_id}))
 
@@ -164,7 +184,7 @@ class SyncCore:
         if isinstance(msg, Transition):
             self._on_transition(msg)
         elif isinstance(msg, MutationResponse | ActionResponse):
-            if isinstance(msg, MutationResponse) and msg.ts is not None:
+            if isinstance(msg, MutationResponse) and msg.success and msg.ts is not None:
                 self.max_observed_ts = max(self.max_observed_ts, decode_ts(msg.ts))
             dropped = self.requests.on_response(msg, decode_ts(self.remote_version.ts))
             if dropped:
@@ -173,6 +193,7 @@ class SyncCore:
         elif isinstance(msg, AuthError):
             self.on_auth_error(msg)
         elif isinstance(msg, FatalError):
+            self._fatal_seen = True
             raise ServerFatalError(f"the Convex server reported a fatal error: {msg.error}")
         elif isinstance(msg, Ping):
             pass
