@@ -30,7 +30,7 @@ from collections.abc import Callable
 
 import anyio
 
-from .._errors import AuthRejectedError, SessionExpiredError
+from .._errors import AuthRejectedError, DartvexError, SessionExpiredError
 from .._jwt import MAX_REFRESH_DELAY, MIN_TOKEN_LIFETIME, token_lifetime
 from .._logging import auth_logger as log
 from .._logging import redact
@@ -105,6 +105,9 @@ class AuthManager:
         self.send_authenticate: Callable[[], None] = lambda: None
         self.on_confirmed: Callable[[bool], None] = lambda first: None
         self.on_signed_out: Callable[[], None] = lambda: None
+        # Called when the identity is lost for good (not on an explicit clear): requests
+        # made under it must fail rather than run anonymously.
+        self.on_identity_lost: Callable[[DartvexError], None] = lambda error: None
 
     # -- configuration -------------------------------------------------------------------
 
@@ -233,9 +236,9 @@ class AuthManager:
         if self._fetcher is None or self._signed_out_latch:
             # A fixed token cannot be replaced: sign out of Convex instead of resending it.
             self._use_token(None)
-            self.fail_waiters(
-                AuthRejectedError(f"the Convex server rejected the token: {msg.error}")
-            )
+            error = AuthRejectedError(f"the Convex server rejected the token: {msg.error}")
+            self.fail_waiters(error)
+            self.on_identity_lost(error)
             self.on_signed_out()
             return
         self._rejections += 1
@@ -315,7 +318,9 @@ class AuthManager:
         self._use_token(None)
         self.reauth_pending = False
         self.refreshing.set(False)
-        self.fail_waiters(SessionExpiredError("the session ended; sign in again"))
+        error = SessionExpiredError("the session ended; sign in again")
+        self.fail_waiters(error)
+        self.on_identity_lost(error)
         self.send_authenticate()
         self.on_signed_out()
 

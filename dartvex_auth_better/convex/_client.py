@@ -165,6 +165,7 @@ class ConvexClient:
         self._core.on_synced = self._on_synced
         self._core.on_auth_error = self._on_auth_error
         self._auth.send_authenticate = self._core.send_authenticate
+        self._auth.on_identity_lost = self._core.fail_unfinished
         self._paused = False
         self._held: list[Outgoing] = []
         self._restart_immediately = False
@@ -584,8 +585,9 @@ class ConvexClient:
     ) -> None:
         try:
             async for frame, request_id in frames:
-                data = frame if isinstance(frame, bytes) else frame()
-                await ws.send_frame(data, aiohttp.WSMsgType.TEXT)
+                if request_id is not None and not self._core.requests.should_write(request_id):
+                    continue  # its caller gave up before it reached the wire
+                await ws.send_frame(frame, aiohttp.WSMsgType.TEXT)
                 if request_id is not None:
                     self._core.requests.mark_sent(request_id)
         except (aiohttp.ClientError, ConnectionError, RuntimeError) as exc:

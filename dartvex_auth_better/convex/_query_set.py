@@ -212,6 +212,9 @@ class QuerySet:
         query.server_version += 1
         return query
 
+    def answered_since_restart(self, query_id: int) -> bool:
+        return query_id in self._by_id and query_id not in self._awaiting_first_answer
+
     def synced(self) -> bool:
         """True once every query re-added on this socket has had an answer."""
         return not self._awaiting_first_answer

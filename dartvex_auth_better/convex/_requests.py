@@ -65,6 +65,24 @@ class RequestManager:
         """Drop a request whose caller went away (cancelled)."""
         self._inflight.pop(request.message.request_id, None)
 
+    def should_write(self, request_id: int) -> bool:
+        """Whether the writer should put this request's queued frame on the wire: not when
+        its caller gave up before it was written."""
+        return request_id in self._inflight
+
+    def fail_unfinished(self, error: DartvexError) -> set[int]:
+        """Fail every request whose outcome is not known yet (the identity it was made
+        under is gone: it must not run under another one). Mutations already applied and
+        only waiting to become visible keep their result."""
+        failed: set[int] = set()
+        for rid in sorted(self._inflight):
+            request = self._inflight[rid]
+            if request.status != "completed":
+                del self._inflight[rid]
+                _fail(request, error)
+                failed.add(rid)
+        return failed
+
     def mark_sent(self, request_id: int) -> None:
         request = self._inflight.get(request_id)
         if request is not None and request.status == "not_sent":

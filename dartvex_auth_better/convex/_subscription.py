@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncGenerator
 from typing import Any, Self
 
@@ -71,9 +72,12 @@ class Subscription:
             await self._waker.wait()
 
     async def _next_server_result(self) -> Any:
-        """Wait for an answer from the server itself, ignoring optimistic views."""
+        """Wait for an answer from the server itself: never an optimistic view, and never
+        a result from before a reconnect (the socket must be open and the result must have
+        arrived on it)."""
         seen = self._query.server_version if self._query is not None else 0
-        if self._query is not None and self._query.server is not None:
+        if self._query is not None and self._core.is_current(self._query):
+            assert self._query.server is not None
             return self._query.server.unwrap()
         while True:
             query = self._query
@@ -81,10 +85,18 @@ class Subscription:
                 raise StopAsyncIteration
             if self._core.terminal_error is not None:
                 raise self._core.terminal_error
-            if query.server_version > seen and query.server is not None:
+            if query.server_version > seen and self._core.is_current(query):
+                assert query.server is not None
                 return query.server.unwrap()
             self._waker.clear()
             await self._waker.wait()
+
+    def __del__(self) -> None:
+        # A subscription dropped without close() (never iterated, say) must not keep its
+        # server query alive for the client's lifetime.
+        if self._query is not None:
+            with contextlib.suppress(Exception):
+                self.close()
 
     def close(self) -> None:
         """Unsubscribe. Idempotent."""

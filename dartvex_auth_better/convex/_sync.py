@@ -42,9 +42,8 @@ __all__ = ["INITIAL_VERSION", "Outgoing", "SyncCore"]
 
 INITIAL_VERSION = StateVersion(query_set=0, identity=0, ts=INITIAL_TS)
 
-# A frame for the writer: encoded bytes, or a builder called at send time (so an
-# Authenticate reads the token in force when it goes out), plus the request id it carries.
-Outgoing = tuple[bytes | Callable[[], bytes], int | None]
+# A frame for the writer: the encoded bytes, plus the request id it carries (if any).
+Outgoing = tuple[bytes, int | None]
 
 
 class SyncCore:
@@ -86,7 +85,7 @@ class SyncCore:
 
     # -- user operations ------------------------------------------------------------------
 
-    def _emit(self, frame: bytes | Callable[[], bytes], request_id: int | None = None) -> None:
+    def _emit(self, frame: bytes, request_id: int | None = None) -> None:
         if self.send is not None:
             self.send((frame, request_id))
 
@@ -130,17 +129,19 @@ class SyncCore:
         return request
 
     def abandon(self, request: Request) -> None:
-        """The caller went away. A request no socket has is dropped; one already handed to
-        the socket stays tracked (the writer sends what is queued), so a reconnect re-sends
-        it and the server applies it exactly once. If that socket closes before writing
-        it, it is dropped then (``RequestManager.on_disconnect``)."""
+        """The caller went away. A request not yet written to a socket is dropped (the
+        writer skips its queued frame, ``RequestManager.should_write``); one already
+        written stays tracked, so a reconnect re-sends it and the server applies it exactly
+        once."""
         request.abandoned = True
-        if request.status == "not_sent" and self.send is None:
+        if request.status == "not_sent":
             self.requests.forget(request)
         self._notify_tokens(self.optimistic.rebuild({request.message.request_id}))
 
     def send_authenticate(self) -> None:
-        self._emit(self._build_authenticate)
+        # Built now, with the token in force now: a later set_auth cannot rewrite it, and
+        # calls made after this one go out after it.
+        self._emit(self._build_authenticate())
 
     def _build_authenticate(self) -> bytes:
         msg = self.auth.authenticate_message()
@@ -166,7 +167,7 @@ class SyncCore:
         )
         frames: list[Outgoing] = [(encode_client_message(connect), None)]
         if self.auth.is_set:
-            frames.append((self._build_authenticate, None))
+            frames.append((self._build_authenticate(), None))
         frames.append((encode_client_message(self.query_set.restart()), None))
         for msg in self.requests.restart():
             frames.append((encode_client_message(msg), msg.request_id))
@@ -249,6 +250,20 @@ class SyncCore:
     @property
     def synced(self) -> bool:
         return self._synced
+
+    def fail_unfinished(self, error: DartvexError) -> None:
+        """The identity is gone for good: fail every request whose outcome is unknown, so
+        none runs under another identity, and roll back their optimistic updates."""
+        self._notify_tokens(self.optimistic.rebuild(self.requests.fail_unfinished(error)))
+
+    def is_current(self, query: LocalQuery) -> bool:
+        """True when the query's server result is current: the socket is open and the
+        result arrived on it (not carried over from before a reconnect)."""
+        return (
+            self.send is not None
+            and query.server is not None
+            and self.query_set.answered_since_restart(query.query_id)
+        )
 
     def _default_auth_error(self, msg: AuthError) -> None:
         self.auth.on_auth_error(msg)

@@ -3,20 +3,23 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 from typing import Any
 
 import anyio
+import anyio.lowlevel
 import pytest
 from aiohttp import web
 
 from dartvex_auth_better import (
+    AuthRejectedError,
     ClientClosedError,
     ConnectionState,
     ConvexClient,
     ServerFatalError,
     TransportError,
 )
-from dartvex_auth_better.testing import LocalConvex
+from dartvex_auth_better.testing import LocalConvex, TestTokenIssuer
 
 pytestmark = [pytest.mark.anyio]
 
@@ -136,3 +139,132 @@ async def test_a_url_that_is_not_a_sync_endpoint_fails_fast():
         assert client.connection_state is ConnectionState.CLOSED
     finally:
         await runner.cleanup()
+
+
+async def test_calls_run_under_the_identity_set_before_them():
+    issuer = TestTokenIssuer()
+    async with LocalConvex(jwks=issuer.jwks, issuer=issuer.issuer) as convex:
+        writers: list[str | None] = []
+
+        @convex.mutation("m:who")
+        def who(ctx: Any, args: dict[str, Any]) -> None:
+            identity = ctx.auth.get_user_identity()
+            writers.append(identity["subject"] if identity else None)
+
+        async with ConvexClient(convex.url) as client:
+            with anyio.fail_after(10):
+                await client.wait_connected()
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(client.set_auth, issuer.mint("alice"))
+                    await anyio.lowlevel.checkpoint()
+                    tg.start_soon(client.mutation, "m:who")
+                    await anyio.lowlevel.checkpoint()
+                    tg.start_soon(client.set_auth, issuer.mint("bob"))
+                    await anyio.lowlevel.checkpoint()
+                    tg.start_soon(client.mutation, "m:who")
+    assert writers == ["alice", "bob"]
+
+
+async def test_a_mutation_cancelled_before_it_is_written_is_never_applied():
+    async with LocalConvex() as convex:
+        applied: list[int] = []
+
+        @convex.mutation("m:inc")
+        def inc(ctx: Any, args: dict[str, Any]) -> None:
+            applied.append(1)
+
+        @convex.query("q:count")
+        def count(ctx: Any, args: dict[str, Any]) -> int:
+            return len(applied)
+
+        async with ConvexClient(convex.url) as client:
+            with anyio.fail_after(10):
+                await client.wait_connected()
+                with anyio.move_on_after(0):
+                    await client.mutation("m:inc")
+                await client.mutation("m:inc")  # a later one goes through
+                assert await client.query("q:count") == 1
+    assert applied == [1]
+
+
+async def test_query_after_a_reconnect_asks_the_server_again():
+    async with LocalConvex() as convex:
+
+        @convex.query("q:count")
+        def count(ctx: Any, args: dict[str, Any]) -> int:
+            return len(ctx.db.query("rows"))
+
+        async with ConvexClient(convex.url, initial_backoff=0.05) as client:
+            live = client.subscribe("q:count")
+            with anyio.fail_after(10):
+                assert await live.next() == 0
+                convex.pause()
+                convex.db.insert("rows", {"n": 1})  # the live subscription has not seen it
+                await convex.drop_connections()
+                convex.resume()
+                await convex.wait_for_connections(2)
+                # The live value (0) is from before the reconnect: query() must not use it.
+                assert await client.query("q:count") == 1
+            live.close()
+
+
+async def test_an_expired_fixed_token_fails_calls_instead_of_running_them_anonymously():
+    issuer = TestTokenIssuer()
+    async with LocalConvex(jwks=issuer.jwks, issuer=issuer.issuer) as convex:
+        writers: list[str | None] = []
+
+        @convex.mutation("m:who")
+        def who(ctx: Any, args: dict[str, Any]) -> None:
+            identity = ctx.auth.get_user_identity()
+            writers.append(identity["subject"] if identity else None)
+
+        async with ConvexClient(convex.url) as client:
+            with anyio.fail_after(10):
+                await client.set_auth(issuer.mint("alice"))
+                await client.mutation("m:who")
+                # The server says the identity's token expired while it was in use.
+                gate = asyncio.Event()
+                results: list[BaseException | None] = []
+
+                async def call() -> None:
+                    try:
+                        await client.mutation("m:who")
+                        results.append(None)
+                    except BaseException as exc:
+                        results.append(exc)
+                    finally:
+                        gate.set()
+
+                async with anyio.create_task_group() as tg:
+                    convex.pause()
+                    tg.start_soon(call)
+                    record = await convex.wait_for_connections(1)
+                    await record.wait_for_frame("Mutation", after=len(record.frames) - 1)
+                    convex.resume()
+                    await convex.send_auth_error("token expired", auth_update_attempted=False)
+                    await gate.wait()
+    assert writers == ["alice"]
+    assert isinstance(results[0], AuthRejectedError)
+
+
+async def test_a_subscription_never_iterated_is_released_when_dropped():
+    async with LocalConvex() as convex:
+
+        @convex.query("q:get")
+        def get(ctx: Any, args: dict[str, Any]) -> int:
+            return 1
+
+        async with ConvexClient(convex.url) as client:
+            subscription = client.subscribe("q:get")
+            record = await convex.wait_for_connections(1)
+            with anyio.fail_after(5):
+                await record.wait_for_frame(
+                    "ModifyQuerySet", predicate=lambda f: bool(f["modifications"])
+                )
+            del subscription
+            gc.collect()
+            with anyio.fail_after(5):
+                await record.wait_for_frame(
+                    "ModifyQuerySet",
+                    predicate=lambda f: any(m["type"] == "Remove" for m in f["modifications"]),
+                )
