@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import base64
 import math
+import re
 import struct
 from collections.abc import Mapping
 from typing import Any
@@ -31,13 +32,27 @@ import msgspec
 
 from .._errors import ProtocolError
 
-__all__ = ["Int64", "decode_raw_or_none", "decode_value", "encode_args", "encode_value"]
+__all__ = [
+    "Int64",
+    "decode_json",
+    "decode_raw_or_none",
+    "decode_value",
+    "encode_args",
+    "encode_value",
+]
 
 _INT64_MIN = -(2**63)
 _INT64_MAX = 2**63 - 1
 _MAX_FIELD_NAME = 1024
 _SPECIAL_KEYS = frozenset({"$integer", "$float", "$bytes", "$commitTs"})
 _RETIRED_KEYS = frozenset({"$set", "$map"})
+# Field names already checked by decode (server data repeats the same few names endlessly).
+_valid_names: set[str] = set()
+_VALID_NAMES_LIMIT = 4096
+# A quote followed by 1025 bytes without one: how JSON text without backslash escapes
+# shows a string longer than a field name may be (matches only start at quotes: fast).
+_LONG_STRING = re.compile(rb'"[^"]{%d}' % (_MAX_FIELD_NAME + 1))
+_CONTAINERS = (dict, list)
 
 
 class Int64(int):
@@ -134,13 +149,12 @@ def encode_args(args: Mapping[str, Any] | None) -> list[Any]:
 
 
 def decode_value(value: Any) -> Any:
-    """Turn a decoded JSON structure from Convex into Python values.
+    """Turn a decoded JSON structure from Convex into Python values (a new structure; the
+    argument is left as it is).
 
     Raises ``ProtocolError`` when the server sent something that is not a valid Convex
     value (a finite ``$float``, an ``$integer`` of the wrong length, a retired ``$set``).
     """
-    if isinstance(value, list):
-        return [decode_value(item) for item in value]
     if isinstance(value, dict):
         if len(value) == 1:
             ((key, payload),) = value.items()
@@ -148,7 +162,69 @@ def decode_value(value: Any) -> Any:
                 return _decode_special(key, payload)
             if key in _RETIRED_KEYS:
                 raise ProtocolError(f"{key} values are no longer supported by Convex")
-        return {_check_field_name(k, ProtocolError): decode_value(v) for k, v in value.items()}
+        valid = _valid_names
+        return {
+            (k if k in valid else _checked_name(k)): (
+                decode_value(v) if isinstance(v, _CONTAINERS) else v
+            )
+            for k, v in value.items()
+        }
+    if isinstance(value, list):
+        return [decode_value(v) if isinstance(v, _CONTAINERS) else v for v in value]
+    return value
+
+
+def decode_json(raw: bytes | msgspec.Raw) -> Any:
+    """``decode_value(msgspec.json.decode(raw))``, faster: the same result and errors.
+
+    Most values hold no ``$`` tagged object and only plain field names. When the bytes
+    show that (ASCII only, no ``$``, no backslash escape, no DEL, no string longer than
+    1024 characters), the JSON decoder's output is already the answer.
+    Otherwise the freshly decoded structure, which nobody else holds, is converted in
+    place. Raises ``msgspec.DecodeError`` for text that is not JSON.
+    """
+    data = raw if isinstance(raw, bytes) else bytes(raw)
+    decoded = msgspec.json.decode(data)
+    if (
+        data.isascii()
+        and b"\\" not in data
+        and b"$" not in data
+        and b"\x7f" not in data
+        and (len(data) <= _MAX_FIELD_NAME + 2 or _LONG_STRING.search(data) is None)
+    ):
+        return decoded
+    return _decode_in_place(decoded)
+
+
+def _checked_name(name: object) -> str:
+    checked = _check_field_name(name, ProtocolError)
+    if len(_valid_names) >= _VALID_NAMES_LIMIT:
+        _valid_names.clear()
+    _valid_names.add(checked)
+    return checked
+
+
+def _decode_in_place(value: Any) -> Any:
+    """decode_value for a structure we own: containers are reused, not rebuilt."""
+    if type(value) is dict:
+        if len(value) == 1:
+            ((key, payload),) = value.items()
+            if key in _SPECIAL_KEYS:
+                return _decode_special(key, payload)
+            if key in _RETIRED_KEYS:
+                raise ProtocolError(f"{key} values are no longer supported by Convex")
+        valid = _valid_names
+        for k, v in value.items():
+            if k not in valid:
+                _checked_name(k)
+            if type(v) is dict or type(v) is list:
+                value[k] = _decode_in_place(v)
+        return value
+    if type(value) is list:
+        for i, v in enumerate(value):
+            if type(v) is dict or type(v) is list:
+                value[i] = _decode_in_place(v)
+        return value
     return value
 
 
@@ -157,7 +233,7 @@ def decode_raw_or_none(raw: msgspec.Raw) -> Any:
     if not raw:
         return None
     try:
-        return decode_value(msgspec.json.decode(raw))
+        return decode_json(raw)
     except msgspec.DecodeError as exc:
         raise ProtocolError(f"invalid JSON value from the server: {exc}") from None
 

@@ -1,0 +1,379 @@
+"""``nox -s bench``: every figure side by side, in one run, on the same local servers.
+
+Contenders: ``ours`` (dartvex_auth_better's ConvexClient, in this process), ``floor`` (a
+bare aiohttp + msgspec client, in this process), ``pypi`` (the official PyPI client, in a
+driver process) and ``npm`` (the official npm ConvexClient under Node, in a driver
+process). The servers run in a process of their own (``_servers.py``).
+
+Each section runs several rounds; within a round every contender runs once, in an order
+that rotates from round to round (interleaved), after one warm-up round that is not
+counted. A figure is the median over rounds, shown with its range ``[min-max]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from tests.benchmarks import _inproc
+from tests.benchmarks._common import (
+    REPO_ROOT,
+    RESULTS_DIR,
+    Helper,
+    Row,
+    Spread,
+    machine_info,
+    percentile,
+    quiet_logging,
+    render_table,
+    spread,
+)
+
+HERE = Path(__file__).resolve().parent
+
+
+@dataclass
+class Settings:
+    rounds: int
+    calls: int
+    updates: int
+    scale_clients: int
+    signin_calls: int
+    import_runs: int
+    sections: list[str]
+    json_path: Path
+
+
+def _verdict(ok: bool | None) -> str:
+    return "n/a" if ok is None else ("PASS" if ok else "MISS")
+
+
+class Contenders:
+    """Starts and stops the driver processes; runs one contender on request."""
+
+    def __init__(self, servers: dict[str, Any]) -> None:
+        self.servers = servers
+        self.pypi: Helper | None = None
+        self.npm: Helper | None = None
+        self.unavailable: dict[str, str] = {}
+
+    async def start(self) -> None:
+        env = dict(os.environ, PYTHONPATH=str(REPO_ROOT))
+        self.pypi = Helper("pypi", [sys.executable, str(HERE / "pypi_driver.py")], env=env)
+        await self.pypi.start()
+        await self.pypi.answer(60)
+        try:
+            from tests.conformance._npm import ensure_npm_client, find_node_and_npm
+
+            node, npm = find_node_and_npm()
+            install = await ensure_npm_client(node, npm)
+        except Exception as exc:  # Node missing or the install failed: report, go on
+            self.unavailable["npm"] = f"{type(exc).__name__}: {exc}"
+            return
+        self.npm = Helper("npm", [node, str(HERE / "npm_driver.mjs"), str(install)])
+        await self.npm.start()
+        await self.npm.answer(60)
+
+    async def stop(self) -> None:
+        for helper in (self.pypi, self.npm):
+            if helper is not None:
+                await helper.stop()
+
+    def names(self) -> list[str]:
+        names = ["ours", "floor", "pypi"]
+        if self.npm is not None:
+            names.append("npm")
+        return names
+
+    async def roundtrips(self, name: str, kind: str, n: int) -> list[float]:
+        url, token = self.servers["convex_url"], self.servers["token"]
+        if name == "ours":
+            return await _inproc.ours_roundtrips(url, token, kind, n)
+        if name == "floor":
+            return await _inproc.floor_roundtrips(url, token, kind, n)
+        helper = self.pypi if name == "pypi" else self.npm
+        assert helper is not None
+        request = {"op": "rt", "url": url, "token": token, "kind": kind, "n": n}
+        answer = await helper.call(request, timeout=600)
+        return [float(x) for x in answer["latencies"]]
+
+    async def feed(self, name: str, size: str, n: int) -> tuple[float, int, bool]:
+        """(seconds, values the consumer saw, final value delivered)."""
+        url = self.servers["push_url"]
+        if name in ("ours", "floor"):
+            run = _inproc.ours_throughput if name == "ours" else _inproc.floor_throughput
+            elapsed, seen, final = await run(url, size, n)
+            return elapsed, seen, isinstance(final, dict) and final.get("seq") == n - 1
+        helper = self.pypi if name == "pypi" else self.npm
+        assert helper is not None
+        answer = await helper.call({"op": "feed", "url": url, "size": size, "n": n}, 600)
+        final_seq = answer.get("final_seq")
+        return float(answer["elapsed"]), int(answer["seen"]), final_seq == n - 1
+
+
+def _rotation(names: Sequence[str], round_index: int) -> list[str]:
+    k = round_index % len(names)
+    return [*names[k:], *names[:k]]
+
+
+async def _rounds(
+    names: Sequence[str],
+    rounds: int,
+    run: Callable[[str], Awaitable[dict[str, float]]],
+    label: str,
+) -> dict[str, list[dict[str, float]]]:
+    """Warm-up round, then ``rounds`` interleaved rounds; per contender a list of figures."""
+    results: dict[str, list[dict[str, float]]] = {name: [] for name in names}
+    for index in range(rounds + 1):
+        for name in _rotation(names, index):
+            figures = await run(name)
+            if index > 0:
+                results[name].append(figures)
+        tag = "warm-up" if index == 0 else f"round {index}/{rounds}"
+        print(f"  {label}: {tag} done", file=sys.stderr, flush=True)
+    return results
+
+
+def _collect(results: dict[str, list[dict[str, float]]], key: str) -> dict[str, Spread]:
+    return {name: spread(r[key] for r in rows) for name, rows in results.items()}
+
+
+def _ratio_spread(
+    results: dict[str, list[dict[str, float]]], key: str, a: str, b: str
+) -> Spread | None:
+    if a not in results or b not in results or not results[b]:
+        return None
+    return spread(x[key] / y[key] for x, y in zip(results[a], results[b], strict=True))
+
+
+# -- sections ---------------------------------------------------------------------------------
+
+
+async def section_roundtrip(c: Contenders, s: Settings, out: dict[str, Any]) -> list[Row]:
+    rows: list[Row] = []
+    for kind in ("mutation", "query"):
+
+        async def run(name: str, kind: str = kind) -> dict[str, float]:
+            latencies = await c.roundtrips(name, kind, s.calls)
+            return {"p50": percentile(latencies, 50), "p99": percentile(latencies, 99)}
+
+        results = await _rounds(c.names(), s.rounds, run, f"{kind} round trip")
+        p50 = _collect(results, "p50")
+        p99 = _collect(results, "p99")
+        vs_floor = _ratio_spread(results, "p50", "ours", "floor")
+        vs_pypi = _ratio_spread(results, "p50", "ours", "pypi")
+        title = f"{kind} round trip, {s.calls} sequential calls"
+        rows.append(Row(title, "p50", dict(p50), "us"))
+        rows.append(Row(title, "p99", dict(p99), "us"))
+        if vs_floor is not None:
+            rows.append(
+                Row(
+                    title,
+                    "ours/floor p50",
+                    {"ratio": vs_floor},
+                    "x",
+                    "<= 1.15",
+                    _verdict(vs_floor.median <= 1.15),
+                )
+            )
+        if vs_pypi is not None:
+            rows.append(
+                Row(
+                    title,
+                    "ours/pypi p50",
+                    {"ratio": vs_pypi},
+                    "x",
+                    "<= 1.00",
+                    _verdict(vs_pypi.median <= 1.0),
+                )
+            )
+        out[f"{kind}_roundtrip"] = results
+    return rows
+
+
+async def section_throughput(c: Contenders, s: Settings, out: dict[str, Any]) -> list[Row]:
+    rows: list[Row] = []
+    for size in ("small", "typical"):
+
+        async def run(name: str, size: str = size) -> dict[str, float]:
+            elapsed, seen, final_ok = await c.feed(name, size, s.updates)
+            return {"rate": s.updates / elapsed, "seen": float(seen), "final": float(final_ok)}
+
+        results = await _rounds(c.names(), s.rounds, run, f"throughput {size}")
+        title = f"subscription throughput, {s.updates} Transitions, {size} values"
+        rows.append(
+            Row(title, "updates processed per second", dict(_collect(results, "rate")), "/s")
+        )
+        rows.append(Row(title, "values the consumer saw", dict(_collect(results, "seen"))))
+        finals = {
+            name: "all" if all(r["final"] == 1.0 for r in rr) else "MISSED"
+            for name, rr in results.items()
+        }
+        rows.append(
+            Row(
+                title,
+                "final value delivered",
+                dict(finals),
+                "",
+                "all",
+                _verdict(finals.get("ours") == "all"),
+            )
+        )
+        vs_floor = _ratio_spread(results, "rate", "ours", "floor")
+        vs_pypi = _ratio_spread(results, "rate", "ours", "pypi")
+        if vs_floor is not None:
+            rows.append(
+                Row(
+                    title,
+                    "ours/floor rate",
+                    {"ratio": vs_floor},
+                    "x",
+                    ">= 0.70",
+                    _verdict(vs_floor.median >= 0.7),
+                )
+            )
+        if vs_pypi is not None:
+            rows.append(
+                Row(
+                    title,
+                    "ours/pypi rate",
+                    {"ratio": vs_pypi},
+                    "x",
+                    ">= 1.50",
+                    _verdict(vs_pypi.median >= 1.5),
+                )
+            )
+        out[f"throughput_{size}"] = results
+    return rows
+
+
+async def section_scale(s: Settings, out: dict[str, Any]) -> list[Row]:
+    from tests.benchmarks import _scale
+
+    results = await _scale.run_scale(s.scale_clients, rounds=max(1, min(s.rounds, 3)))
+    out["scale"] = results
+    return _scale.rows(results, s.scale_clients)
+
+
+async def section_signin(s: Settings, out: dict[str, Any]) -> list[Row]:
+    from tests.benchmarks import _signin
+
+    results = await _signin.run_signin(s.signin_calls, rounds=s.rounds)
+    out["signin"] = results
+    return _signin.rows(results)
+
+
+async def section_imports(s: Settings, out: dict[str, Any]) -> list[Row]:
+    from tests.benchmarks import _imports
+
+    results = await _imports.run_imports(s.import_runs)
+    out["imports"] = results
+    return _imports.rows(results)
+
+
+SECTIONS = ("roundtrip", "throughput", "scale", "signin", "imports")
+
+
+async def run_bench(s: Settings) -> int:
+    quiet_logging()
+    out: dict[str, Any] = {
+        "machine": machine_info(),
+        "settings": {
+            "rounds": s.rounds,
+            "calls": s.calls,
+            "updates": s.updates,
+            "scale_clients": s.scale_clients,
+            "signin_calls": s.signin_calls,
+            "import_runs": s.import_runs,
+        },
+    }
+    rows: list[Row] = []
+    started = time.perf_counter()
+    needs_servers = any(x in s.sections for x in ("roundtrip", "throughput"))
+    servers: Helper | None = None
+    contenders: Contenders | None = None
+    try:
+        if needs_servers:
+            servers = Helper(
+                "servers",
+                [sys.executable, "-m", "tests.benchmarks._servers", str(s.updates)],
+                cwd=REPO_ROOT,
+            )
+            await servers.start()
+            info = await servers.answer(120)
+            contenders = Contenders(info)
+            await contenders.start()
+            out["unavailable"] = contenders.unavailable
+        if "roundtrip" in s.sections and contenders is not None:
+            print("round trips...", file=sys.stderr, flush=True)
+            rows += await section_roundtrip(contenders, s, out)
+        if "throughput" in s.sections and contenders is not None:
+            print("subscription throughput...", file=sys.stderr, flush=True)
+            rows += await section_throughput(contenders, s, out)
+            assert servers is not None
+            out["push_stats"] = await servers.call({"op": "push_stats"}, 30)
+    finally:
+        if contenders is not None:
+            await contenders.stop()
+        if servers is not None:
+            await servers.stop()
+    if "scale" in s.sections:
+        print("scale...", file=sys.stderr, flush=True)
+        rows += await section_scale(s, out)
+    if "signin" in s.sections:
+        print("sign-in...", file=sys.stderr, flush=True)
+        rows += await section_signin(s, out)
+    if "imports" in s.sections:
+        print("imports...", file=sys.stderr, flush=True)
+        rows += await section_imports(s, out)
+    out["rows"] = [row.as_json() for row in rows]
+    out["seconds"] = time.perf_counter() - started
+    table = render_table(rows)
+    print(table)
+    s.json_path.parent.mkdir(parents=True, exist_ok=True)
+    s.json_path.write_text(json.dumps(out, indent=1, default=str))
+    print(f"results written to {s.json_path}")
+    return 0
+
+
+def parse(argv: Sequence[str]) -> Settings:
+    parser = argparse.ArgumentParser(prog="python -m tests.benchmarks bench")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--calls", type=int, default=2000)
+    parser.add_argument("--updates", type=int, default=20_000)
+    parser.add_argument("--clients", type=int, default=1000)
+    parser.add_argument("--signin-calls", type=int, default=40)
+    parser.add_argument("--import-runs", type=int, default=10)
+    parser.add_argument(
+        "--only", action="append", choices=SECTIONS, help="run only these sections (repeatable)"
+    )
+    parser.add_argument(
+        "--quick", action="store_true", help="small counts for a smoke run (not for reporting)"
+    )
+    parser.add_argument("--json", type=Path, default=RESULTS_DIR / "bench.json")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.rounds, args.calls, args.updates = 2, 200, 2000
+        args.clients, args.signin_calls, args.import_runs = 100, 5, 3
+    return Settings(
+        rounds=args.rounds,
+        calls=args.calls,
+        updates=args.updates,
+        scale_clients=args.clients,
+        signin_calls=args.signin_calls,
+        import_runs=args.import_runs,
+        sections=list(args.only or SECTIONS),
+        json_path=args.json,
+    )
+
+
+def main(argv: Sequence[str]) -> int:
+    return asyncio.run(run_bench(parse(argv)))
