@@ -49,6 +49,7 @@ from .convex._authed import AuthenticatedConvexClient
 from .convex._client import ConnectionState, ConnectionStatus, ConvexClient
 from .convex._http import ConvexHttpClient
 from .convex._optimistic import OptimisticLocalStore
+from .convex._pagination import PaginatedQuery, PaginatedResult, PaginationStatus
 from .convex._subscription import Subscription
 from .convex._values import Int64
 
@@ -84,6 +85,9 @@ __all__ = (
     "MemorySessionStore",
     "NoSessionError",
     "OptimisticLocalStore",
+    "PaginatedQuery",
+    "PaginatedResult",
+    "PaginationStatus",
     "ProtocolError",
     "RateLimitedError",
     "RequestTimeoutError",

@@ -43,6 +43,9 @@ Wire choices:
 * An accepted Authenticate and a ModifyQuerySet that arrive together may be reported in
   one Transition (identity and query set both advance); the protocol allows it.
 * Log lines are ``"[LOG] " + " ".join(parts)`` (non-strings as Convex JSON).
+* Paginated queries (``ctx.db.paginate``) keep each page's range in the query's
+  ``journal``, sent with every QueryUpdated and honoured when a client re-adds the query
+  with it after a reconnect; other queries always have a null journal.
 
 Nothing here logs a token; at most its last four characters.
 """
@@ -257,13 +260,17 @@ def _user_fields(fields: object, *, system: Mapping[str, Any] | None = None) -> 
 class _Transaction:
     """One function's view of the database: records reads, buffers writes until commit."""
 
-    def __init__(self, db: Database) -> None:
+    def __init__(self, db: Database, journal: str | None = None) -> None:
         self._db = db
         self.reads: set[str] = set()
         self.writes: set[str] = set()
         self._changes: dict[str, Document | None] = {}
         self._inserted: dict[str, list[str]] = {}
         self._new_table_of: dict[str, str] = {}
+        # Pagination: the journal the query was (re-)run with, and the one it produces.
+        self.journal_in = journal
+        self.journal_out: str | None = None
+        self.paginated = False
 
     def _current(self, doc_id: str) -> tuple[str, Document] | None:
         table = self._new_table_of.get(doc_id) or self._db._table_of.get(doc_id)
@@ -337,6 +344,159 @@ class _Transaction:
         self._changes[doc_id] = None
         self.writes.add(table)
 
+    def paginate(
+        self,
+        table: str,
+        opts: object,
+        *,
+        filter: Callable[[Document], bool] | None,
+        order: str,
+        split_recommended_over: int | None,
+        split_required_over: int | None,
+    ) -> dict[str, Any]:
+        if self.paginated:
+            raise _UncaughtError(
+                "Uncaught Error: This query or mutation function ran multiple paginated "
+                "queries. Convex only supports a single paginated query in each function."
+            )
+        self.paginated = True
+        if order not in ("asc", "desc"):
+            raise ValueError(f"order must be 'asc' or 'desc', not {order!r}")
+        num_items, cursor, end_cursor = _pagination_opts(opts)
+        scope = _CursorScope(self._db._cursor_epoch, _check_table(table), order)
+        start = None if cursor is None else scope.decode(cursor, "cursor")
+        # The page's far end: fixed by the arguments (a split half), else by the journal
+        # (a re-run of a page that already ran), else chosen now from numItems.
+        end: _CursorKey | None = None
+        if end_cursor is not None:
+            end = scope.decode(end_cursor, "endCursor")
+        elif self.journal_in is not None:
+            end = scope.decode(self.journal_in, "journal")
+        docs = sorted(self.query(table), key=_creation_key, reverse=order == "desc")
+        if filter is not None:
+            docs = [d for d in docs if filter(d)]
+        if start is not None:
+            docs = [d for d in docs if scope.after(_creation_key(d), start)]
+        if end is not None:
+            if not end.is_end:
+                docs = [d for d in docs if not scope.after(_creation_key(d), end)]
+            page, continue_key = docs, end
+        elif len(docs) > num_items:
+            page = docs[:num_items]
+            continue_key = _CursorKey(_creation_key(page[-1]))
+        else:
+            # Nothing beyond this page: it runs to the end of the table, so documents
+            # added later at the end show up here rather than in no page at all.
+            page, continue_key = docs, _CursorKey(None)
+        split_cursor = None
+        if len(page) >= 2:
+            split_cursor = scope.encode(_CursorKey(_creation_key(page[(len(page) - 1) // 2])))
+        page_status = None
+        if split_required_over is not None and len(page) > split_required_over:
+            # The real server stops reading at its limits and leaves the page incomplete.
+            page = page[:split_required_over]
+            page_status = "SplitRequired"
+        elif split_recommended_over is not None and len(page) > split_recommended_over:
+            page_status = "SplitRecommended"
+        continue_cursor = scope.encode(continue_key)
+        self.journal_out = continue_cursor
+        return {
+            "page": page,
+            "isDone": continue_key.is_end,
+            "continueCursor": continue_cursor,
+            "splitCursor": split_cursor,
+            "pageStatus": page_status,
+        }
+
+
+# --------------------------------------------------------------------------------------
+# Pagination cursors
+# --------------------------------------------------------------------------------------
+
+_PAGINATION_OPTS = frozenset(
+    {"numItems", "cursor", "endCursor", "id", "maximumRowsRead", "maximumBytesRead"}
+)
+
+
+def _pagination_opts(opts: object) -> tuple[int, str | None, str | None]:
+    """Validate ``paginationOpts`` as Convex's ``paginationOptsValidator`` would."""
+    if not isinstance(opts, Mapping):
+        raise ValueError("paginationOpts must be an object")
+    extra = set(opts) - _PAGINATION_OPTS
+    if extra:
+        raise ValueError(f"paginationOpts has unexpected fields: {sorted(extra)}")
+    num_items = opts.get("numItems")
+    if (
+        isinstance(num_items, bool)
+        or not isinstance(num_items, int | float)
+        or num_items != int(num_items)
+        or num_items < 1
+    ):
+        raise ValueError(f"paginationOpts.numItems must be a positive integer, not {num_items!r}")
+    cursor = opts.get("cursor", _MISSING)
+    if cursor is _MISSING or not (cursor is None or isinstance(cursor, str)):
+        raise ValueError("paginationOpts.cursor must be a string or null")
+    end_cursor = opts.get("endCursor")
+    if not (end_cursor is None or isinstance(end_cursor, str)):
+        raise ValueError("paginationOpts.endCursor must be a string or null")
+    return int(num_items), cursor, end_cursor
+
+
+_MISSING: Any = object()
+
+
+def _creation_key(doc: Document) -> float:
+    key: float = doc["_creationTime"]
+    return key
+
+
+@dataclass(frozen=True)
+class _CursorKey:
+    """A position in a table's order: after the document created at ``creation_time``,
+    or (None) past the last document."""
+
+    creation_time: float | None
+
+    @property
+    def is_end(self) -> bool:
+        return self.creation_time is None
+
+
+@dataclass(frozen=True)
+class _CursorScope:
+    """What a cursor is valid for: one table in one order, in one cursor epoch
+    (:meth:`LocalConvex.invalidate_cursors` starts a new epoch)."""
+
+    epoch: int
+    table: str
+    order: str
+
+    def encode(self, key: _CursorKey) -> str:
+        payload = json.dumps([self.epoch, self.table, self.order, key.creation_time])
+        return base64.urlsafe_b64encode(payload.encode()).decode("ascii")
+
+    def decode(self, text: str, what: str) -> _CursorKey:
+        try:
+            epoch, table, order, position = json.loads(base64.urlsafe_b64decode(text))
+        except (ValueError, TypeError):
+            position = epoch = table = order = None
+        if (epoch, table, order) != (self.epoch, self.table, self.order) or not (
+            position is None or isinstance(position, float)
+        ):
+            raise _UncaughtError(
+                f"Uncaught Error: InvalidCursor: the {what} is not valid for this paginated "
+                "query: it comes from a different query, or the query changed underneath it"
+            )
+        return _CursorKey(position)
+
+    def after(self, position: float, key: _CursorKey) -> bool:
+        """Whether a document at ``position`` comes after ``key`` in this order."""
+        if key.creation_time is None:
+            return False
+        if self.order == "asc":
+            return position > key.creation_time
+        return position < key.creation_time
+
 
 class Database:
     """The deployment's tables: an in-memory, insertion-ordered document store.
@@ -354,6 +514,8 @@ class Database:
         self._next_id = 0
         self._last_creation_time = 0.0
         self._on_commit = on_commit
+        # Part of every pagination cursor; bumping it invalidates all cursors issued so far.
+        self._cursor_epoch = 0
 
     # -- direct access (each call is one committed transaction) -------------------------
 
@@ -438,6 +600,50 @@ class DatabaseReader:
     def query(self, table: str) -> list[Document]:
         """Copies of every document of ``table``, in insertion order."""
         return self._tx.query(table)
+
+    def paginate(
+        self,
+        table: str,
+        pagination_opts: Mapping[str, Any],
+        *,
+        filter: Callable[[Document], bool] | None = None,
+        order: Literal["asc", "desc"] = "asc",
+        split_recommended_over: int | None = None,
+        split_required_over: int | None = None,
+    ) -> dict[str, Any]:
+        """One page of ``table`` in creation order (``order="desc"``: newest first), as
+        ``.paginate(paginationOpts)`` does on a real Convex query.
+
+        ``pagination_opts`` is the function's ``paginationOpts`` argument: ``numItems``,
+        ``cursor`` (None for the first page), optional ``endCursor``, ``id`` (ignored, as
+        on the server: it only keeps pages of different clients apart). ``filter`` keeps
+        the documents it returns True for; ``numItems`` counts kept documents.
+
+        Returns ``{"page", "isDone", "continueCursor", "splitCursor", "pageStatus"}``.
+        Like the real server, the page's range is fixed once it has run: the first run
+        picks its end from ``numItems`` and records it in the query's journal, and later
+        runs (after a write, or after a reconnect that sends the journal back) cover the
+        same range, so the page grows or shrinks instead of shifting. A page with
+        ``endCursor`` covers exactly ``(cursor, endCursor]``. Cursors are positions, so
+        they stay valid across inserts and deletes; one from another table or order, or
+        from before :meth:`LocalConvex.invalidate_cursors`, fails the query with an
+        ``InvalidCursor`` error. The last page runs to the end of the table (``isDone``).
+
+        ``splitCursor`` (the middle of the page) is set when the page holds two or more
+        documents. ``pageStatus`` is None, or ``"SplitRecommended"`` when the page holds
+        more than ``split_recommended_over`` documents, or ``"SplitRequired"`` when it
+        holds more than ``split_required_over``: the page is then cut to that many
+        documents, as the real server leaves a page incomplete when it hits its read
+        limits. Only one paginated read per function run is allowed, as on Convex.
+        """
+        return self._tx.paginate(
+            table,
+            pagination_opts,
+            filter=filter,
+            order=order,
+            split_recommended_over=split_recommended_over,
+            split_required_over=split_required_over,
+        )
 
     def _read_only(self, operation: str) -> RuntimeError:
         return RuntimeError(
@@ -647,6 +853,7 @@ class _Outcome:
     reads: frozenset[str] = frozenset()
     ts: int | None = None
     exception: BaseException | None = None
+    journal: str | None = None
 
     @classmethod
     def failure(
@@ -1249,6 +1456,13 @@ class _Connection:
             self._force_transition = True
         self._outbox_signal.set()
 
+    def rerun_all(self) -> None:
+        """Re-run every query on this socket (their results may have changed)."""
+        for query in self.queries.values():
+            query.stale = True
+        if self.queries:
+            self._outbox_signal.set()
+
     def invalidate(self, tables: frozenset[str]) -> None:
         """A commit wrote ``tables``: re-run the queries that read any of them."""
         hit = False
@@ -1519,10 +1733,13 @@ class _Connection:
         for query in stale:
             query.stale = False
         for query in stale:
-            outcome = await server._run_function("query", query.udf_path, query.args, identity)
+            outcome = await server._run_function(
+                "query", query.udf_path, query.args, identity, journal=query.journal
+            )
             if self.queries.get(query.query_id) is not query:
                 continue  # removed while it ran; QueryRemoved goes out next time
             query.reads = outcome.reads
+            query.journal = outcome.journal
             mod = _query_modification(query.query_id, outcome)
             key = msgspec.json.encode([v for k, v in sorted(mod.items()) if k != "logLines"])
             if key == query.last_key:
@@ -1581,14 +1798,14 @@ def _query_modification(query_id: int, outcome: _Outcome) -> dict[str, Any]:
             "queryId": query_id,
             "value": outcome.value,
             "logLines": outcome.log_lines,
-            "journal": None,
+            "journal": outcome.journal,
         }
     mod: dict[str, Any] = {
         "type": "QueryFailed",
         "queryId": query_id,
         "errorMessage": outcome.error_message,
         "logLines": outcome.log_lines,
-        "journal": None,
+        "journal": outcome.journal,
     }
     if outcome.has_error_data:
         mod["errorData"] = outcome.error_data
@@ -1619,7 +1836,8 @@ class LocalConvex:
     Observability: :attr:`connections`, :attr:`received_tokens`, :attr:`latest_ts`,
     :attr:`db`. Fault injection: :meth:`drop_connections`, :meth:`close_connections`,
     :meth:`send_fatal_error`, :meth:`send_auth_error`, :meth:`pause`/:meth:`resume`,
-    :attr:`transition_chunk_size`, :meth:`wrong_start_version_once`.
+    :attr:`transition_chunk_size`, :meth:`wrong_start_version_once`,
+    :meth:`invalidate_cursors`.
     """
 
     def __init__(
@@ -1874,6 +2092,16 @@ class LocalConvex:
         """Whether :meth:`pause` is in effect."""
         return self._paused
 
+    def invalidate_cursors(self) -> None:
+        """Make every pagination cursor and journal issued so far invalid, as happens on
+        Convex when a paginated query's underlying database query changes: every live
+        query re-runs, and a page that reads from an old cursor (its ``cursor``,
+        ``endCursor`` or journal) fails with an ``InvalidCursor`` error. Fresh first
+        pages (``cursor: null``, no journal) still work."""
+        self._db._cursor_epoch += 1
+        for conn in self._open:
+            conn.rerun_all()
+
     def wrong_start_version_once(self) -> None:
         """Make the next Transition sent (on any socket) carry a wrong ``startVersion``
         (its ``ts`` is one more than the version the client is at)."""
@@ -1919,9 +2147,15 @@ class LocalConvex:
         path: str,
         args: dict[str, Any] | _Invalid,
         identity: _Identity | None,
+        *,
+        journal: str | None = None,
     ) -> _Outcome:
         """Run one function. A mutation commits here, so only the mutation worker may run
-        kind "mutation" (that is what makes mutations serial)."""
+        kind "mutation" (that is what makes mutations serial).
+
+        ``journal`` is the sync query's journal (where its paginated read ended last
+        time); the outcome carries the journal to send back: the new one for a query that
+        paginated, the old one for a query that failed, else None."""
         canonical = _canonical_path(path)
         spec = self._functions.get(canonical)
         if spec is None:
@@ -1946,7 +2180,7 @@ class LocalConvex:
         tx: _Transaction | None = None
         ctx: _Ctx
         if kind == "query":
-            tx = _Transaction(self._db)
+            tx = _Transaction(self._db, journal)
             ctx = QueryCtx(auth, DatabaseReader(tx))
         elif kind == "mutation":
             tx = _Transaction(self._db)
@@ -1962,12 +2196,15 @@ class LocalConvex:
             if not isinstance(exc, ConvexError):
                 logger.info("LocalConvex: %s %s raised", kind, canonical, exc_info=True)
             reads = tx.reads if tx is not None else ()
-            return _Outcome.failure(exc, ctx._log_lines, reads)
+            failed = _Outcome.failure(exc, ctx._log_lines, reads)
+            failed.journal = journal
+            return failed
         outcome = _Outcome(
             success=True,
             value=encoded,
             log_lines=ctx._log_lines,
             reads=frozenset(tx.reads) if tx is not None else frozenset(),
+            journal=tx.journal_out if tx is not None and kind == "query" else None,
         )
         if kind == "mutation":
             assert tx is not None
