@@ -50,6 +50,7 @@ class Settings:
     import_runs: int
     sections: list[str]
     json_path: Path
+    contenders: list[str] | None = None
 
 
 def _verdict(ok: bool | None) -> str:
@@ -64,6 +65,7 @@ class Contenders:
         self.pypi: Helper | None = None
         self.npm: Helper | None = None
         self.unavailable: dict[str, str] = {}
+        self.only: list[str] | None = None
 
     async def start(self) -> None:
         env = dict(os.environ, PYTHONPATH=str(REPO_ROOT))
@@ -91,6 +93,8 @@ class Contenders:
         names = ["ours", "floor", "pypi"]
         if self.npm is not None:
             names.append("npm")
+        if self.only is not None:
+            names = [n for n in names if n in self.only]
         return names
 
     async def roundtrips(self, name: str, kind: str, n: int) -> list[float]:
@@ -310,6 +314,7 @@ async def run_bench(s: Settings) -> int:
             await servers.start()
             info = await servers.answer(120)
             contenders = Contenders(info)
+            contenders.only = s.contenders
             await contenders.start()
             out["unavailable"] = contenders.unavailable
         if "roundtrip" in s.sections and contenders is not None:
@@ -359,6 +364,9 @@ def parse(argv: Sequence[str]) -> Settings:
         "--quick", action="store_true", help="small counts for a smoke run (not for reporting)"
     )
     parser.add_argument("--json", type=Path, default=RESULTS_DIR / "bench.json")
+    parser.add_argument(
+        "--contenders", help="comma-separated subset of ours,floor,pypi,npm (default: all)"
+    )
     args = parser.parse_args(argv)
     if args.quick:
         args.rounds, args.calls, args.updates = 2, 200, 2000
@@ -372,6 +380,7 @@ def parse(argv: Sequence[str]) -> Settings:
         import_runs=args.import_runs,
         sections=list(args.only or SECTIONS),
         json_path=args.json,
+        contenders=args.contenders.split(",") if args.contenders else None,
     )
 
 
