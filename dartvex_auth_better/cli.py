@@ -33,6 +33,11 @@ where plain JSON falls short (``{"$integer": ...}`` for int64, ``{"$bytes": ...}
 use the same encoding. Progress and errors go to stderr; an error is one line starting
 with ``error:``, and never shows a password or a token.
 
+``--timeout SECONDS`` (default 30, 0 for none) bounds each wait for a server, and a first
+connection that fails ends the command at once; ``--anonymous`` calls a function without
+signing in; ``-v``/``-vv`` log what the SDK does (tokens redacted). ``login --magic-link
+--send-only`` and ``login --magic-link --token TOKEN`` split the magic link in two steps.
+
 Exit statuses::
 
     0    success
@@ -83,6 +88,7 @@ from ._errors import (
     TransportError,
 )
 from ._jwt import token_claims
+from ._urls import normalize_base_url
 from .better_auth._client import BetterAuthClient
 from .better_auth._provider import ConvexBetterAuthProvider, _parse_record
 from .better_auth._session import BetterAuthSession
@@ -223,10 +229,14 @@ class _Target:
             )
         if args.keyring and args.session_file:
             raise _usage("--keyring and --session-file are two places for one session: pick one")
+        site_url = args.site_url or _env("DARTVEX_SITE_URL")
+        _check_url(url, "--url", args.allow_insecure)
+        if site_url is not None:
+            _check_url(site_url, "--site-url", args.allow_insecure)
         timeout: float = args.timeout
         return cls(
             url=url,
-            site_url=args.site_url or _env("DARTVEX_SITE_URL"),
+            site_url=site_url,
             allow_insecure=args.allow_insecure,
             timeout=timeout if timeout > 0 else None,
             keyring=args.keyring,
@@ -238,20 +248,12 @@ class _Target:
         )
 
     def auth_client(self) -> BetterAuthClient:
-        try:
-            return BetterAuthClient(
-                self.url, site_url=self.site_url, allow_insecure=self.allow_insecure
-            )
-        except ValueError as exc:
-            raise _usage(str(exc)) from None
+        return BetterAuthClient(
+            self.url, site_url=self.site_url, allow_insecure=self.allow_insecure
+        )
 
     def convex_client(self, *, expect_auth: bool) -> ConvexClient:
-        try:
-            return ConvexClient(
-                self.url, allow_insecure=self.allow_insecure, expect_auth=expect_auth
-            )
-        except ValueError as exc:
-            raise _usage(str(exc)) from None
+        return ConvexClient(self.url, allow_insecure=self.allow_insecure, expect_auth=expect_auth)
 
     def store(self, site_url: str) -> _HostBoundStore:
         inner: SessionStore
@@ -263,6 +265,14 @@ class _Target:
             inner = FileSessionStore(self.session_file)
             where = str(self.session_file)
         return _HostBoundStore(inner, site_url, where)
+
+
+def _check_url(url: str, option: str, allow_insecure: bool) -> None:
+    """A usage error, in the command line's terms, for a URL the clients would refuse."""
+    try:
+        normalize_base_url(url, name=option, allow_insecure=allow_insecure)
+    except ValueError as exc:
+        raise _usage(str(exc).replace("allow_insecure=True", "--allow-insecure")) from None
 
 
 class _HostBoundStore:
@@ -286,6 +296,8 @@ class _HostBoundStore:
         """Where the session is kept, for messages: a file path or "the system keyring"."""
         self.other_host: str | None = None
         """The host a session found by :meth:`get` belongs to, when it is not ours."""
+        self.unrecognised = False
+        """True when :meth:`get` found something that is not a session saved here."""
         self.save_error: DartvexError | None = None
 
     def _unwrap(self, stored: str) -> tuple[str | None, str | None]:
@@ -307,9 +319,7 @@ class _HostBoundStore:
             return None
         host, session = self._unwrap(stored)
         if host is None:
-            logging.getLogger(__name__).warning(
-                "ignoring %s: it does not hold a session saved by this command", self.where
-            )
+            self.unrecognised = True  # said in the "not signed in" error; login replaces it
             return None
         if host != self.site_url:
             self.other_host = host
@@ -429,9 +439,11 @@ def _not_signed_in(store: _HostBoundStore) -> _Failure:
             f"not signed in to {store.site_url}: the saved session is for {store.other_host}; "
             f"run '{PROG} login EMAIL' with this --url",
         )
+    found = "what is there is not a session saved by this command" if store.unrecognised else ""
     return _Failure(
         EXIT_NOT_SIGNED_IN,
-        f"not signed in (no session in {store.where}); run '{PROG} login EMAIL' first",
+        f"not signed in (no session in {store.where}{'; ' + found if found else ''}); "
+        f"run '{PROG} login EMAIL' first",
     )
 
 

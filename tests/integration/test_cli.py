@@ -286,6 +286,20 @@ async def test_login_with_password_stdin_and_a_wrong_password(cli):
     assert cli.session_record() == record  # a refused login keeps the session there was
 
 
+async def test_the_password_prompt(cli):
+    # The runs have no terminal, so getpass prompts on stderr and reads stdin.
+    seeded = await cli.seed()
+    login, mismatch = await gather(
+        cli("login", seeded.email, input=PASSWORD + "\n"),
+        cli("signup", new_email(), input=PASSWORD + "\nsomething else\n"),
+    )
+    assert login.code == 0 and "Password: " in login.err, login
+    assert f"signed in as {seeded.email}" in login.err
+    assert mismatch.code == cli_module.EXIT_USAGE, mismatch
+    assert "Repeat the password: " in mismatch.err
+    assert mismatch.err.splitlines()[-1] == "error: the passwords do not match"
+
+
 async def test_magic_link_login_reads_the_link_from_stdin(cli, better_auth_server):
     email = new_email()
     process = await cli.start("login", email, "--magic-link", stdin=subprocess.PIPE)
@@ -360,14 +374,17 @@ async def test_a_convex_error_exits_4_with_its_data(cli):
 
 
 async def test_bad_args_and_options_are_usage_errors(cli):
-    cases = [
-        (("query", "messages:list", '{"body": '), "ARGS is not valid JSON"),
-        (("query", "messages:list", '["not", "an object"]'), "ARGS must be a JSON object"),
-        (("action", "x:y", '{"n": {"$integer": "AQ=="}}'), "ARGS is not a valid Convex value"),
-        (("query",), "the following arguments are required: NAME"),
+    no_url: dict[str, str | None] = {"DARTVEX_URL": None}
+    cases: list[tuple[tuple[str, ...], dict[str, str | None], str]] = [
+        (("query", "messages:list", '{"body": '), {}, "ARGS is not valid JSON"),
+        (("query", "messages:list", '["not", "an object"]'), {}, "ARGS must be a JSON object"),
+        (("action", "x:y", '{"n": {"$integer": "AQ=="}}'), {}, "not a valid Convex value"),
+        (("query",), {}, "the following arguments are required: NAME"),
+        (("whoami", "--url", "https://x.convex.cloud/path"), {}, "--url must be a bare origin"),
+        (("whoami",), no_url, "no deployment URL: pass --url"),
     ]
-    results = await gather(*(cli(*args) for args, _ in cases))
-    for result, (_, expected) in zip(results, cases, strict=True):
+    results = await gather(*(cli(*args, env=env) for args, env, _ in cases))
+    for result, (_, _, expected) in zip(results, cases, strict=True):
         assert result.code == cli_module.EXIT_USAGE, result
         assert expected in result.error_line()
 
