@@ -45,6 +45,7 @@ _WAKE_SLICE = 5.0
 _RETRY_INITIAL = 0.5
 _RETRY_MAX = 30.0
 _MAX_REJECTED_FRESH_TOKENS = 2
+_REFRESH_JITTER = 0.15
 # Treat a token this close to expiry as already expired when (re)connecting: it would not
 # survive the handshake.
 _CONNECT_MARGIN = 2.0
@@ -441,6 +442,9 @@ class AuthManager:
         # A leeway as long as the token's life would refresh non-stop; use at most half.
         leeway = min(self.leeway, lifetime / 2)
         delay = min(max(self._deadline - leeway - now, 0.0), MAX_REFRESH_DELAY)
+        # Up to 15% early, never late: a fleet of clients that signed in together does not
+        # hit the token endpoint in one wave.
+        delay *= self._rng.uniform(1.0 - _REFRESH_JITTER, 1.0)
         self._refresh_at = now + delay
         self._wake.set()
         log.debug("next token refresh in %.1f s", delay)

@@ -99,6 +99,33 @@ class _SocketEnded(Exception):
         self.fatal = fatal
 
 
+class _ChunkBuffer:
+    """Reassembles a Transition the server split into TransitionChunk parts: parts in
+    order, one id and one total, nothing else in between."""
+
+    def __init__(self) -> None:
+        self._parts: list[str] = []
+        self._key: tuple[str, int] | None = None
+
+    @property
+    def pending(self) -> bool:
+        return bool(self._parts)
+
+    def add(self, chunk: TransitionChunk) -> Transition | None:
+        key = (chunk.transition_id, chunk.total_parts)
+        if chunk.part_number != len(self._parts) or (self._parts and key != self._key):
+            raise ProtocolError("TransitionChunk out of order or mismatched")
+        self._key = key
+        self._parts.append(chunk.chunk)
+        if len(self._parts) < chunk.total_parts:
+            return None
+        whole = decode_server_message("".join(self._parts))
+        self._parts, self._key = [], None
+        if not isinstance(whole, Transition):
+            raise ProtocolError("TransitionChunk parts did not form a Transition")
+        return whole
+
+
 class ConvexClient:
     """An asyncio client for a Convex deployment over the sync WebSocket.
 
@@ -169,6 +196,7 @@ class ConvexClient:
         self._paused = False
         self._held: list[Outgoing] = []
         self._restart_immediately = False
+        self._chunks = _ChunkBuffer()
         self._retries = 0
         self._protocol_failures = 0
         self._has_ever_connected = False
@@ -565,6 +593,7 @@ class ConvexClient:
             send.send_nowait(frame)
         self._out = send
         self._held = []  # the restart frames rebuild everything held for the old socket
+        self._chunks = _ChunkBuffer()
         self._core.send = self._enqueue
         self._has_ever_connected = True
         self._set_state(ConnectionState.CONNECTED)
@@ -596,53 +625,70 @@ class ConvexClient:
             await ws.close()
 
     async def _read_frames(self, ws: aiohttp.ClientWebSocketResponse) -> _SocketEnded:
-        chunks: list[str] = []
-        chunk_id: tuple[str, int] | None = None
-        while True:
+        # Inactivity: one timer that re-arms itself, rather than a timeout around every
+        # receive (that setup and teardown was a third of the per-frame cost).
+        loop = asyncio.get_running_loop()
+        timeout = self._inactivity_timeout
+        last_frame = loop.time()
+        watchdog: asyncio.TimerHandle | None = None
+        with anyio.CancelScope() as idle_scope:
+
+            def check_idle() -> None:
+                nonlocal watchdog
+                idle = loop.time() - last_frame
+                if idle >= timeout:
+                    idle_scope.cancel()
+                else:
+                    watchdog = loop.call_later(timeout - idle, check_idle)
+
+            watchdog = loop.call_later(timeout, check_idle)
             try:
-                msg = await ws.receive(timeout=self._inactivity_timeout)
-            except TimeoutError:
-                return _SocketEnded("InactiveServer", server_caused=False)
-            if msg.type is aiohttp.WSMsgType.TEXT or msg.type is aiohttp.WSMsgType.BINARY:
-                data: str | bytes = msg.data
-            elif msg.type in (
-                aiohttp.WSMsgType.CLOSE,
-                aiohttp.WSMsgType.CLOSING,
-                aiohttp.WSMsgType.CLOSED,
-            ):
-                reason = (msg.extra if isinstance(msg.extra, str) else "") or (
-                    f"closed with code {ws.close_code}"
-                )
-                return _SocketEnded(reason, server_caused=True)
-            else:
-                return _SocketEnded("WebSocketError", server_caused=False)
-            try:
-                server_msg = decode_server_message(data)
-                if isinstance(server_msg, TransitionChunk):
-                    # Reassemble: parts in order, one id and one total, nothing in between.
-                    key = (server_msg.transition_id, server_msg.total_parts)
-                    if server_msg.part_number != len(chunks) or (chunks and key != chunk_id):
-                        raise ProtocolError("TransitionChunk out of order or mismatched")
-                    chunk_id = key
-                    chunks.append(server_msg.chunk)
-                    if len(chunks) < server_msg.total_parts:
-                        continue
-                    server_msg = decode_server_message("".join(chunks))
-                    chunks, chunk_id = [], None
-                    if not isinstance(server_msg, Transition):
-                        raise ProtocolError("TransitionChunk parts did not form a Transition")
-                elif chunks:
-                    raise ProtocolError("a message arrived in the middle of a TransitionChunk run")
-                self._core.handle(server_msg)
-            except ServerFatalError as exc:
-                ws_logger.error("%s", exc)
-                return _SocketEnded("FatalError", server_caused=True, fatal=exc)
-            except ProtocolError as exc:
-                ws_logger.warning("invalid server message, reconnecting: %s", exc)
-                return _SocketEnded(
-                    "InvalidServerMessage", server_caused=False, protocol_error=True
-                )
-            self._publish_status()
+                while True:
+                    msg = await ws.receive()
+                    last_frame = loop.time()
+                    ended = self._handle_ws_message(ws, msg)
+                    if ended is not None:
+                        return ended
+            finally:
+                if watchdog is not None:
+                    watchdog.cancel()
+        return _SocketEnded("InactiveServer", server_caused=False)
+
+    def _handle_ws_message(
+        self, ws: aiohttp.ClientWebSocketResponse, msg: aiohttp.WSMessage
+    ) -> _SocketEnded | None:
+        """Apply one WebSocket message; returns why the socket ended, or None to go on."""
+        if msg.type is aiohttp.WSMsgType.TEXT or msg.type is aiohttp.WSMsgType.BINARY:
+            data: str | bytes = msg.data
+        elif msg.type in (
+            aiohttp.WSMsgType.CLOSE,
+            aiohttp.WSMsgType.CLOSING,
+            aiohttp.WSMsgType.CLOSED,
+        ):
+            reason = (msg.extra if isinstance(msg.extra, str) else "") or (
+                f"closed with code {ws.close_code}"
+            )
+            return _SocketEnded(reason, server_caused=True)
+        else:
+            return _SocketEnded("WebSocketError", server_caused=False)
+        try:
+            server_msg = decode_server_message(data)
+            if isinstance(server_msg, TransitionChunk):
+                whole = self._chunks.add(server_msg)
+                if whole is None:
+                    return None
+                server_msg = whole
+            elif self._chunks.pending:
+                raise ProtocolError("a message arrived in the middle of a TransitionChunk run")
+            self._core.handle(server_msg)
+        except ServerFatalError as exc:
+            ws_logger.error("%s", exc)
+            return _SocketEnded("FatalError", server_caused=True, fatal=exc)
+        except ProtocolError as exc:
+            ws_logger.warning("invalid server message, reconnecting: %s", exc)
+            return _SocketEnded("InvalidServerMessage", server_caused=False, protocol_error=True)
+        self._publish_status()
+        return None
 
     def _on_synced(self) -> None:
         # Backoff resets only once the client has caught up after a reconnect, so a server

@@ -17,7 +17,7 @@ import msgspec
 
 from .._errors import ConvexError
 from ._protocol import AddQuery, ModifyQuerySet, QueryFailed, QueryUpdated, RemoveQuery
-from ._values import decode_raw_or_none, decode_value
+from ._values import decode_json, decode_raw_or_none
 
 __all__ = ["LocalQuery", "QueryResult", "QuerySet", "canonical_udf_path", "query_token"]
 
@@ -58,7 +58,7 @@ class QueryResult:
         if self.error is not None:
             raise self.error
         if self.raw is not None:
-            return decode_value(msgspec.json.decode(self.raw))
+            return decode_json(self.raw)
         return copy.deepcopy(self.value)
 
     def value_or_none(self) -> Any:

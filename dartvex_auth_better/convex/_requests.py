@@ -17,7 +17,7 @@ import msgspec
 
 from .._errors import ConnectionLostError, ConvexError, DartvexError
 from ._protocol import ActionMsg, ActionResponse, MutationMsg, MutationResponse, decode_ts
-from ._values import decode_raw_or_none, decode_value
+from ._values import decode_json, decode_raw_or_none
 
 __all__ = ["Request", "RequestManager"]
 
@@ -115,6 +115,8 @@ class RequestManager:
     def on_transition(self, ts: int) -> set[int]:
         """Resolve every completed mutation whose write this Transition made visible;
         returns their ids."""
+        if not self._inflight:
+            return set()
         done = {rid for rid, r in self._inflight.items() if r.status == "completed" and r.ts <= ts}
         for rid in sorted(done):
             request = self._inflight.pop(rid)
@@ -186,7 +188,7 @@ def _succeed(request: Request, raw: msgspec.Raw | None) -> None:
     if request.future.done():
         return
     try:
-        value = decode_value(msgspec.json.decode(raw)) if raw is not None else None
+        value = decode_json(raw) if raw is not None else None
     except (msgspec.DecodeError, DartvexError) as exc:
         request.future.set_exception(exc)
         return

@@ -268,3 +268,23 @@ async def test_a_subscription_never_iterated_is_released_when_dropped():
                     "ModifyQuerySet",
                     predicate=lambda f: any(m["type"] == "Remove" for m in f["modifications"]),
                 )
+
+
+async def test_a_silent_server_is_dropped_after_the_inactivity_timeout():
+    async with LocalConvex(ping_interval=60) as convex:
+
+        @convex.query("q:get")
+        def get(ctx: Any, args: dict[str, Any]) -> int:
+            return 1
+
+        async with ConvexClient(convex.url, inactivity_timeout=0.5, initial_backoff=0.05) as client:
+            with anyio.fail_after(10):
+                assert await client.query("q:get") == 1
+                convex.pause()  # accepts frames, answers nothing
+                await convex.wait_for_connections(2)
+                convex.resume()
+                second = convex.connections[1]
+                connect = await second.wait_for_frame("Connect")
+                assert await client.query("q:get") == 1
+    assert connect["lastCloseReason"] == "InactiveServer"
+    assert connect["connectionCount"] == 1
