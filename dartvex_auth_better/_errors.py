@@ -16,8 +16,9 @@
     │   ├── InvalidCredentialsError wrong email or password (INVALID_EMAIL_OR_PASSWORD)
     │   ├── UserAlreadyExistsError  sign-up with an email that is taken
     │   ├── InvalidTokenError       a reset or magic-link token that is bogus or used up
-    │   ├── SessionExpiredError     401/403 from the session or token endpoints: final,
-    │   │                           sign in again
+    │   ├── SessionExpiredError     the session is gone (401/403 from the Convex token
+    │   │                           endpoint, or the token source says so): final, sign in
+    │   │                           again
     │   └── BetterAuthResponseError (see ProtocolError)
     ├── ConvexError                 a Convex function failed; ``.data`` carries the
     │                               ConvexError payload thrown by the function, if any
@@ -149,7 +150,9 @@ class InvalidTokenError(BetterAuthError):
 
 
 class SessionExpiredError(BetterAuthError):
-    """The Better Auth session is gone (401/403 from the session or token endpoint).
+    """The Better Auth session is gone: a 401/403 from the Convex token endpoint, or a
+    token source that says the session ended. (``BetterAuthClient.get_session`` answers
+    None for a gone session instead of raising.)
 
     Final: retrying with the same session token cannot succeed; sign in again.
     """
