@@ -31,8 +31,6 @@ class Request:
     status: Literal["not_sent", "sent", "completed"] = "not_sent"
     ts: int = 0
     result: msgspec.Raw | None = None
-    # The caller went away (cancelled) but the request may still reach the server.
-    abandoned: bool = False
 
     @property
     def is_mutation(self) -> bool:
@@ -130,13 +128,10 @@ class RequestManager:
 
     def on_disconnect(self) -> None:
         """The socket closed. Actions sent on it fail now (retryably), not when a later
-        socket opens: that may take long, or never happen. Requests whose caller went away
-        and that never reached the wire are forgotten: they must never be sent."""
+        socket opens: that may take long, or never happen."""
         for rid in sorted(self._inflight):
             request = self._inflight[rid]
-            if request.status == "not_sent" and request.abandoned:
-                del self._inflight[rid]
-            elif not request.is_mutation and request.status == "sent":
+            if not request.is_mutation and request.status == "sent":
                 del self._inflight[rid]
                 _fail(request, _connection_lost(request))
 

@@ -133,7 +133,6 @@ class SyncCore:
         writer skips its queued frame, ``RequestManager.should_write``); one already
         written stays tracked, so a reconnect re-sends it and the server applies it exactly
         once."""
-        request.abandoned = True
         if request.status == "not_sent":
             self.requests.forget(request)
         self._notify_tokens(self.optimistic.rebuild({request.message.request_id}))

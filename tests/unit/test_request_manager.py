@@ -140,15 +140,14 @@ async def test_disconnect_fails_sent_actions_but_keeps_every_mutation():
     assert [m.request_id for m in manager.restart()] == [1, 2, 3]
 
 
-async def test_disconnect_forgets_abandoned_requests_that_never_reached_the_wire():
+async def test_the_writer_skips_a_queued_frame_whose_caller_gave_up():
     manager = RequestManager()
-    never_sent = manager.new_request("mutation", "m:f", [{}])
-    on_the_wire = sent(manager, "mutation")
-    for request in (never_sent, on_the_wire):
-        request.future.cancel()
-        request.abandoned = True
-    manager.on_disconnect()
-    assert [m.request_id for m in manager.restart()] == [on_the_wire.message.request_id]
+    kept = manager.new_request("mutation", "m:f", [{}])
+    dropped = manager.new_request("mutation", "m:g", [{}])
+    manager.forget(dropped)  # what SyncCore.abandon does for a request not yet written
+    assert manager.should_write(kept.message.request_id)
+    assert not manager.should_write(dropped.message.request_id)
+    assert [m.request_id for m in manager.restart()] == [kept.message.request_id]
 
 
 @pytest.mark.parametrize(
