@@ -140,7 +140,8 @@ class SyncCore:
     def send_authenticate(self) -> None:
         # Built now, with the token in force now: a later set_auth cannot rewrite it, and
         # calls made after this one go out after it.
-        self._emit(self._build_authenticate())
+        if self.send is not None:  # without a socket, restart() sends it
+            self._emit(self._build_authenticate())
 
     def _build_authenticate(self) -> bytes:
         msg = self.auth.authenticate_message()
