@@ -796,54 +796,58 @@ async def run_demo(*, messages: Sequence[str], jwt_ttl_seconds: int) -> None:
 
             email = f"demo-{secrets.token_hex(4)}@example.com"
             password = secrets.token_urlsafe(16)
-            async with BetterAuthClient(better_auth.url) as auth:
-                say(f"signing up {email}")
-                await auth.sign_up("Demo User", email, password)
-                session = await auth.sign_in(email, password)
+            async with (
+                BetterAuthClient(better_auth.url) as auth,
+                ConvexClient(convex.url, expect_auth=True) as client,
+            ):
+                # The main job: a provider turns the Better Auth session into Convex JWTs
+                # and the client keeps them fresh for as long as the session lives.
+                provider = ConvexBetterAuthProvider(auth)
+                authed = client.with_auth(provider)
+                say(f"signing up {email} (nothing reaches Convex before the first token)")
+                session = await authed.sign_up("Demo User", email, password)
                 claims = token_claims(session.token) or {}
                 lifetime = int(claims.get("exp", 0)) - int(claims.get("iat", 0))
-                say(f"signed in: user id {session.user_id}, Convex JWT valid for {lifetime} s")
+                say(
+                    f"signed in as {session.user_id}; Convex confirmed the identity "
+                    f"({type(authed.auth_state).__name__}); JWTs live {lifetime} s and are "
+                    "refreshed before they expire"
+                )
+                me = await authed.query("users:whoami")
+                say(f"the server verified the token and sees: {me}")
 
-                async with ConvexClient(convex.url) as client:
-                    say("connecting to Convex and authenticating with the JWT")
-                    await client.set_auth(session.token)
-                    me = await client.query("users:whoami")
-                    say(f"the server verified the token and sees: {me}")
+                seen = anyio.Event()
+                expected = 0
 
-                    seen = anyio.Event()
-                    expected = 0
+                async def watch() -> None:
+                    nonlocal seen
+                    async for rows in authed.subscribe("messages:list"):
+                        bodies = [row["body"] for row in rows]
+                        say(f"live update: {len(bodies)} message(s) {bodies}")
+                        if len(bodies) >= expected:
+                            seen.set()
 
-                    async def watch() -> None:
-                        nonlocal seen
-                        async for rows in client.subscribe("messages:list"):
-                            bodies = [row["body"] for row in rows]
-                            say(f"live update: {len(bodies)} message(s) {bodies}")
-                            if len(bodies) >= expected:
-                                seen.set()
-
-                    async with anyio.create_task_group() as tg:
-                        tg.start_soon(watch)
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(watch)
+                    with anyio.fail_after(10):
+                        await seen.wait()
+                    for body in messages:
+                        seen = anyio.Event()
+                        expected += 1
+                        say(f"mutation messages:send {body!r}")
+                        await authed.mutation("messages:send", {"body": body})
                         with anyio.fail_after(10):
                             await seen.wait()
-                        for body in messages:
-                            seen = anyio.Event()
-                            expected += 1
-                            say(f"mutation messages:send {body!r}")
-                            await client.mutation("messages:send", {"body": body})
-                            with anyio.fail_after(10):
-                                await seen.wait()
-                        tg.cancel_scope.cancel()
-
-                    await client.set_auth(None)
-                    try:
-                        await client.query("messages:list")
-                    except ConvexError as exc:
-                        say(f"as an anonymous caller, messages:list is refused: {exc}")
+                    tg.cancel_scope.cancel()
 
                 say("signing out")
-                await auth.sign_out(session.session_token)
+                await authed.logout()
+                try:
+                    await authed.query("messages:list")
+                except ConvexError as exc:
+                    say(f"signed out, messages:list is refused: {exc}")
                 after = await auth.get_session(session.session_token)
-                say(f"get_session after sign-out: {after}")
+                say(f"get_session with the old session token after sign-out: {after}")
             say("shutting down the local servers")
     say("done")
 

@@ -454,6 +454,19 @@ async def test_watch_ends_when_its_reader_goes(cli):
     assert code == cli_module.EXIT_BROKEN_PIPE and err == ""
 
 
+async def test_demo_runs_the_main_job_end_to_end(cli):
+    result = await cli("demo")
+    assert result.code == 0, result
+    out = result.out
+    assert "Convex confirmed the identity (Authenticated)" in out
+    assert "the server verified the token and sees" in out
+    assert "live update: 3 message(s) ['hello', 'from asyncio', 'live over Convex']" in out
+    assert "signed out, messages:list is refused: Not authenticated" in out
+    assert "get_session with the old session token after sign-out: None" in out
+    assert out.rstrip().endswith("done")
+    assert result.err == ""
+
+
 async def test_demo_piped_into_head_ends_quietly(cli):
     read_end, write_end = os.pipe()
     reader = PipeLines(read_end)
