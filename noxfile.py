@@ -1,10 +1,16 @@
-"""Developer tasks. `nox` with no arguments runs lint, typecheck and tests."""
+"""Developer tasks. `nox` with no arguments runs lint, typecheck, tests and docs."""
 
 from __future__ import annotations
 
+import shutil
+import subprocess
+import tarfile
+import tempfile
+from pathlib import Path
+
 import nox
 
-nox.options.sessions = ["lint", "typecheck", "tests"]
+nox.options.sessions = ["lint", "typecheck", "tests", "docs"]
 nox.options.reuse_existing_virtualenvs = True
 
 
@@ -28,6 +34,48 @@ def typecheck(session: nox.Session) -> None:
     """mypy --strict over the package and the tests."""
     session.install("-e", ".[dev]")
     session.run("mypy", "--strict")
+
+
+# The diagrams' renderer, served with the docs site rather than from a CDN.
+DOCS_MERMAID = "mermaid@11.17.2"
+
+
+@nox.session
+def docs(session: nox.Session) -> None:
+    """The documentation site: `mkdocs build --strict` into site/. Nothing is fetched but
+    the installs (PyPI, and mermaid's script from npm once). `nox -s docs -- serve`
+    previews it instead."""
+    session.install("-e", ".[docs]")
+    _vendor_mermaid(session)
+    session.env["NO_MKDOCS_2_WARNING"] = "1"  # mkdocs-material's banner about its future
+    session.run("mkdocs", *(session.posargs or ["build", "--strict"]))
+
+
+def _vendor_mermaid(session: nox.Session) -> None:
+    """Put mermaid.min.js in docs/assets/vendor/ (git-ignored), from npm, once. Without
+    npm the site still builds, and mkdocs-material loads mermaid from a CDN instead."""
+    target = Path("docs/assets/vendor/mermaid.min.js")
+    npm = shutil.which("npm")
+    if target.exists():
+        return
+    if npm is None:
+        session.warn(f"npm not found: the docs will load {DOCS_MERMAID} from a CDN")
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        packed = subprocess.run(
+            [npm, "pack", DOCS_MERMAID, "--silent", "--pack-destination", tmp],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        tarballs = list(Path(tmp).glob("mermaid-*.tgz"))
+        if packed.returncode != 0 or not tarballs:
+            session.warn(f"npm pack {DOCS_MERMAID} failed; the docs will load it from a CDN")
+            return
+        with tarfile.open(tarballs[0]) as tar:
+            script = tar.extractfile("package/dist/mermaid.min.js")
+            assert script is not None
+            target.write_bytes(script.read())
 
 
 @nox.session
