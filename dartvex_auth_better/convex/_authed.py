@@ -144,7 +144,10 @@ class AuthenticatedConvexClient(Generic[SessionT]):
         return self.client.auth_refreshing_states()
 
     async def auth_events(self) -> AsyncIterator[AuthEvent]:
-        """Every auth event from now on, none skipped."""
+        """Every auth event from the first iteration on, none skipped.
+
+        It starts listening when its loop first asks for an event, not when it is
+        called: start iterating before the sign-in whose SIGNED_IN you want to see."""
         queue: asyncio.Queue[AuthEvent] = asyncio.Queue()
         self._listeners.add(queue)
         try:

@@ -10,7 +10,7 @@ AuthError / FatalError / close behaviour.
 
 Functions are plain Python callables, sync or async, registered under Convex names::
 
-    from dartvex_auth_better._errors import ConvexError
+    from dartvex_auth_better import ConvexError
 
     issuer = TestTokenIssuer()
     async with LocalConvex(jwks=issuer.jwks, issuer=issuer.issuer) as convex:
