@@ -31,9 +31,8 @@ from dartvex_auth_better import (
 )
 from dartvex_auth_better.testing import LocalBetterAuth, LocalConvex
 from docs.snippets import auth_lifecycle, error_handling, fastapi_minimal, session_stores
-from tests.integration.test_starlette_example import serve
 
-from ._helpers import PASSWORD, WAIT, new_email, signed_up
+from ._helpers import PASSWORD, WAIT, new_email, serve, signed_up
 
 pytestmark = [pytest.mark.anyio, pytest.mark.integration]
 
