@@ -31,6 +31,8 @@ from dartvex_auth_better import (
 )
 from dartvex_auth_better.testing import LocalBetterAuth, LocalConvex
 from docs.snippets import auth_lifecycle, error_handling, fastapi_minimal, session_stores
+from docs.snippets.testing_app import conftest as example_conftest
+from docs.snippets.testing_app import test_todos as example_tests
 
 from ._helpers import PASSWORD, WAIT, new_email, serve, signed_up
 
@@ -294,8 +296,10 @@ def subprocess_env(**extra: str) -> dict[str, str]:
 async def test_the_testing_page_example_as_a_users_test_suite(tmp_path: Path) -> None:
     # Copied out of the repository, as a project of its own: the fixtures must come from
     # the installed plugin, not from this repository's conftest.
-    for name in ("conftest.py", "test_todos.py"):
-        shutil.copy(SNIPPETS / "testing_app" / name, tmp_path / name)
+    # (Imported here, so the type checker checks them like the other examples.)
+    for module in (example_conftest, example_tests):
+        assert module.__file__ is not None
+        shutil.copy(module.__file__, tmp_path / Path(module.__file__).name)
     with anyio.fail_after(120):
         result = await anyio.run_process(
             [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-W", "error"],
