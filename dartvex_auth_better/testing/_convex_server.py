@@ -1402,6 +1402,9 @@ class _Connection:
 
     async def _send_raw(self, payloads: list[bytes]) -> bool:
         await self.server._wait_unpaused()
+        if self.server.response_delay > 0:
+            # A slow network or server: everything we send arrives this much later.
+            await anyio.sleep(self.server.response_delay)
         async with self._send_lock:
             if self.closing:
                 return False
@@ -1878,6 +1881,9 @@ class LocalConvex:
         self._runner: web.AppRunner | None = None
         self._port: int | None = None
         self._paused = False
+        self.response_delay = 0.0
+        """Seconds to hold every frame (Transitions, responses, Pings) before sending it:
+        a slow network or server. Order is kept. 0 (the default) sends at once."""
         self._closing = False
         self._closed = False
         self._wrong_start_versions = 0

@@ -985,3 +985,45 @@ def test_direct_db_writes_refresh_only_affected_subscriptions() -> None:
                 await bystander.assert_silent(0.2)
 
     run(body)
+
+
+def test_response_delay_holds_every_answer() -> None:
+    async def main() -> None:
+        async with LocalConvex() as convex:
+
+            @convex.query("q:get")
+            def get(ctx: Any, args: dict[str, Any]) -> int:
+                return 1
+
+            convex.response_delay = 0.3
+            async with (
+                aiohttp.ClientSession() as session,
+                session.ws_connect(convex.url.replace("http", "ws") + "/api/sync") as ws,
+            ):
+                await ws.send_json(
+                    {
+                        "type": "Connect",
+                        "sessionId": "s",
+                        "connectionCount": 0,
+                        "lastCloseReason": "InitialConnect",
+                        "clientTs": 0,
+                    }
+                )
+                started = time.monotonic()
+                await ws.send_json(
+                    {
+                        "type": "ModifyQuerySet",
+                        "baseVersion": 0,
+                        "newVersion": 1,
+                        "modifications": [
+                            {"type": "Add", "queryId": 0, "udfPath": "q:get", "args": [{}]}
+                        ],
+                    }
+                )
+                with anyio.fail_after(5):
+                    msg = await ws.receive_json()
+                elapsed = time.monotonic() - started
+            assert msg["type"] == "Transition"
+            assert elapsed >= 0.3
+
+    anyio.run(main)
