@@ -391,8 +391,14 @@ class AuthManager:
         if generation == self._generation:
             self._use_token(token)
 
-    async def refresh_now(self) -> None:
-        """A forced fetch now; the new token is sent at once. Raises SessionExpiredError
+    @property
+    def signed_out(self) -> bool:
+        """True once the token source said the session is over (until the next flow)."""
+        return self._signed_out_latch
+
+    async def refresh_now(self) -> bool:
+        """A forced fetch now; a new token is sent at once. Returns whether a new token was
+        sent (the source may answer with the one in force). Raises SessionExpiredError
         when the session is over."""
         if self._fetcher is None or self._signed_out_latch:
             raise SessionExpiredError("there is no session to refresh; sign in")
@@ -400,7 +406,7 @@ class AuthManager:
         try:
             token = await self._fetch_until_done(force=True)
         except _Superseded:
-            return
+            return False
         except _SignedOut:
             if generation == self._generation:
                 self._sign_out()
@@ -408,6 +414,8 @@ class AuthManager:
         if generation == self._generation and token != self.token:
             self._use_token(token)
             self.send_authenticate()
+            return True
+        return False
 
     def _use_token(self, token: str | None) -> None:
         """Put a token in force and schedule its replacement.

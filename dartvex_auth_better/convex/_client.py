@@ -22,6 +22,7 @@ from .._errors import (
     DartvexError,
     ProtocolError,
     ServerFatalError,
+    SessionExpiredError,
     TransportError,
 )
 from .._logging import convex_logger, redact, ws_logger
@@ -193,8 +194,6 @@ class ConvexClient:
         self._core.on_auth_error = self._on_auth_error
         self._auth.send_authenticate = self._core.send_authenticate
         self._auth.on_identity_lost = self._core.fail_unfinished
-        self._paused = False
-        self._held: list[Outgoing] = []
         self._restart_immediately = False
         self._chunks = _ChunkBuffer()
         self._retries = 0
@@ -340,20 +339,22 @@ class ConvexClient:
         if auth is None or isinstance(auth, str):
             self._auth.set_fixed(auth)
             convex_logger.debug("auth token set (%s)", redact(auth))
+            self._core.resume()
             self._core.send_authenticate()
-            self._resume()
         else:
             generation = self._auth.set_fetcher(auth, initial_token)
             if initial_token is None:
-                self._paused = True
+                self._core.pause()
                 try:
                     await self._auth.initial_fetch()
                 finally:
                     if generation == self._auth.generation:
-                        self._resume()
+                        self._core.resume()
+                if self._auth.signed_out:
+                    raise SessionExpiredError("the token source has no session; sign in")
             else:
+                self._core.resume()
                 self._core.send_authenticate()
-                self._resume()
         await self._auth.add_waiter()
 
     async def clear_auth(self) -> None:
@@ -364,8 +365,8 @@ class ConvexClient:
         """Fetch a fresh token at once (a forced fetch) and wait for the server to confirm
         it. Raises SessionExpiredError when the session is over."""
         self._check_usable()
-        await self._auth.refresh_now()
-        await self._auth.add_waiter()
+        if await self._auth.refresh_now():
+            await self._auth.add_waiter()
 
     @property
     def is_auth_refreshing(self) -> bool:
@@ -380,24 +381,6 @@ class ConvexClient:
         """Wrap this client with a sign-in lifecycle driven by ``provider`` (e.g. a
         ConvexBetterAuthProvider). Use one wrapper per client."""
         return AuthenticatedConvexClient(self, provider)
-
-    def _resume(self) -> None:
-        """Let held frames go, after the Authenticate that was waiting for its token."""
-        if not self._paused:
-            return
-        self._paused = False
-        held, self._held = self._held, []
-        if self._out is None:
-            return  # the next socket rebuilds everything from state
-        self._core.send_authenticate()
-        for frame in held:
-            self._out.send_nowait(frame)
-
-    def _enqueue(self, frame: Outgoing) -> None:
-        if self._paused:
-            self._held.append(frame)
-        elif self._out is not None:
-            self._out.send_nowait(frame)
 
     def _on_auth_error(self, msg: AuthError) -> None:
         self._auth.on_auth_error(msg)
@@ -592,9 +575,8 @@ class ConvexClient:
         for frame in self._core.restart():
             send.send_nowait(frame)
         self._out = send
-        self._held = []  # the restart frames rebuild everything held for the old socket
         self._chunks = _ChunkBuffer()
-        self._core.send = self._enqueue
+        self._core.send = send.send_nowait
         self._has_ever_connected = True
         self._set_state(ConnectionState.CONNECTED)
         ended = _SocketEnded("ReconnectRequested", server_caused=False)

@@ -65,6 +65,8 @@ class SyncCore:
         # Called with the AuthError message; the socket loop decides what happens next.
         self.on_auth_error: Callable[[AuthError], None] = self._default_auth_error
         self._restart_request_ids: set[int] = set()
+        self.paused = False
+        self._held: list[Outgoing] = []
         self._synced = True
         # Called when the client catches up after a reconnect (the socket loop resets its
         # backoff there).
@@ -86,8 +88,29 @@ class SyncCore:
     # -- user operations ------------------------------------------------------------------
 
     def _emit(self, frame: bytes, request_id: int | None = None) -> None:
-        if self.send is not None:
+        if self.send is None:
+            return
+        if self.paused:
+            self._held.append((frame, request_id))
+        else:
             self.send((frame, request_id))
+
+    def pause(self) -> None:
+        """Hold every frame back (while the first token of a flow is being fetched), so
+        nothing goes out under the wrong identity."""
+        self.paused = True
+
+    def resume(self) -> None:
+        """Send the Authenticate for the token now in force, then what was held."""
+        if not self.paused:
+            return
+        self.paused = False
+        held, self._held = self._held, []
+        if self.send is None:
+            return  # the next socket's restart() rebuilds everything from state
+        self._emit(self._build_authenticate())
+        for frame in held:
+            self.send(frame)
 
     def subscribe(self, udf_path: str, args: list[Any], waker: Any) -> LocalQuery:
         query, add = self.query_set.subscribe(udf_path, args, waker)
@@ -140,7 +163,9 @@ class SyncCore:
     def send_authenticate(self) -> None:
         # Built now, with the token in force now: a later set_auth cannot rewrite it, and
         # calls made after this one go out after it.
-        if self.send is not None:  # without a socket, restart() sends it
+        # Without a socket restart() sends it; while paused, resume() does (building one
+        # now would put identity versions out of order).
+        if self.send is not None and not self.paused:
             self._emit(self._build_authenticate())
 
     def _build_authenticate(self) -> bytes:
@@ -154,6 +179,7 @@ class SyncCore:
         """Everything a new socket must carry first, in the protocol's order: Connect,
         Authenticate, the whole query set, unanswered mutations and unsent actions (in
         request order). Actions already sent on the old socket fail, retryably."""
+        self._held = []  # rebuilt below from state
         self.auth.reset_socket()
         self.remote_version = INITIAL_VERSION
         connect = Connect(

@@ -296,3 +296,34 @@ async def test_leaving_async_with_cancels_the_refresh_task(issuer, convex):
         assert "dartvex_auth_better.convex.auth_refresh" in names
     names = {t.get_name() for t in asyncio.all_tasks() if not t.done()}
     assert not any(n.startswith("dartvex_auth_better.convex") for n in names)
+
+
+async def test_refresh_now_with_an_unchanged_token_returns(issuer, convex):
+    token = issuer.mint("user-1", ttl=900)
+
+    async def same_token(force_refresh: bool) -> str:
+        return token
+
+    async with ConvexClient(convex.url) as client:
+        with anyio.fail_after(10):
+            await client.set_auth(same_token, initial_token=token)
+            await client.refresh_auth_now()  # nothing new to confirm: returns at once
+            me = await client.query("users:whoami")
+    assert me["subject"] == "user-1"
+
+
+async def test_a_source_with_no_session_on_a_connected_client(issuer, convex):
+    async def no_session(force_refresh: bool) -> None:
+        await anyio.lowlevel.checkpoint()
+        return None
+
+    async with ConvexClient(convex.url) as client:
+        with anyio.fail_after(10):
+            await client.set_auth(issuer.mint("user-1"))
+            with pytest.raises(SessionExpiredError):
+                await client.set_auth(no_session)
+            # The socket survived (no identity-version mix-up) and is anonymous now.
+            assert await client.query("users:whoami") is None
+    assert len(convex.connections) == 1
+    frames = convex.connections[0].frames_of_type("Authenticate")
+    assert [f["baseVersion"] for f in frames] == list(range(len(frames)))
