@@ -299,7 +299,7 @@ async def test_leaving_async_with_cancels_the_refresh_task(issuer, convex):
 
 
 async def test_refresh_now_with_an_unchanged_token_returns(issuer, convex):
-    token = issuer.mint("user-1", ttl=900)
+    token: str = issuer.mint("user-1", ttl=900)
 
     async def same_token(force_refresh: bool) -> str:
         return token
