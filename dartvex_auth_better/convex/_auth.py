@@ -26,13 +26,14 @@ Rules it keeps:
 from __future__ import annotations
 
 import asyncio
+import logging
 import random
 import time
 from collections.abc import Callable
 
 import anyio
 
-from .._errors import AuthRejectedError, DartvexError, SessionExpiredError
+from .._errors import AuthRejectedError, ClientClosedError, DartvexError, SessionExpiredError
 from .._jwt import MAX_REFRESH_DELAY, MIN_TOKEN_LIFETIME, token_lifetime
 from .._logging import auth_logger as log
 from .._logging import redact
@@ -48,6 +49,8 @@ _RETRY_INITIAL = 0.5
 _RETRY_MAX = 30.0
 _MAX_REJECTED_FRESH_TOKENS = 2
 _REFRESH_JITTER = 0.15
+# A token fetch attempt gets half the leeway (at least this long) before it is retried.
+_MIN_ATTEMPT_TIMEOUT = 5.0
 # Treat a token this close to expiry as already expired when (re)connecting: it would not
 # survive the handshake.
 _CONNECT_MARGIN = 2.0
@@ -102,6 +105,10 @@ class AuthManager:
         self.refreshing = Watched(False)
 
         self._inflight: asyncio.Future[str | None] | None = None
+        self._attempt_timeout = max(_MIN_ATTEMPT_TIMEOUT, leeway / 2)
+        self._failures = 0
+        self._retry_not_before = 0.0  # event-loop time of the next allowed attempt
+        self._closed = asyncio.Event()
         self._rng = random.Random()
 
         # Hooks the client sets.
@@ -158,6 +165,8 @@ class AuthManager:
         self._rejections = 0
         self._awaiting_initial = False
         self._had_confirmation = False
+        self._failures = 0
+        self._retry_not_before = 0.0
         self.reauth_pending = False
         self.refreshing.set(False)
         self._wake.set()
@@ -225,15 +234,17 @@ class AuthManager:
         self.on_confirmed(first)
         return True
 
-    def on_auth_error(self, msg: AuthError) -> None:
-        """The server rejected a token (the socket closes next)."""
+    def on_auth_error(self, msg: AuthError) -> bool:
+        """The server rejected a token (the socket closes next). Returns False when the
+        error was about an older token and is ignored (the close is then an ordinary one,
+        with backoff)."""
         if msg.auth_update_attempted is False and self._awaiting_version is not None:
             # About the previous, expiring token while a new one awaits confirmation.
             log.debug("ignoring an AuthError about the previous token: %s", msg.error)
-            return
+            return False
         if msg.base_version is not None and msg.base_version + 1 < self.identity_version:
             log.debug("ignoring a stale AuthError: %s", msg.error)
-            return
+            return False
         log.warning("the Convex server rejected the token: %s", msg.error)
         self._awaiting_version = None
         if self._fetcher is None or self._signed_out_latch:
@@ -243,10 +254,11 @@ class AuthManager:
             self.fail_waiters(error)
             self.on_identity_lost(error)
             self.on_signed_out()
-            return
+            return True
         self._rejections += 1
         self.reauth_pending = True
         self.refreshing.set(True)
+        return True
 
     # -- fetching ----------------------------------------------------------------------------
 
@@ -290,26 +302,61 @@ class AuthManager:
         return token
 
     async def _fetch_until_done(self, force: bool) -> str:
-        """Fetch, retrying transient failures with jittered backoff. Raises _SignedOut."""
-        delay = _RETRY_INITIAL
+        """Fetch, retrying transient failures with jittered backoff (at least what a 429's
+        ``retry_after`` asks for). Raises _SignedOut, or ClientClosedError once the client
+        is closed.
+
+        The retry schedule belongs to the manager, not to the caller: the refresh task,
+        the connect gate and set_auth all wait for the same next attempt, so they never
+        double the calls on a struggling token endpoint.
+        """
+        loop = asyncio.get_running_loop()
         while True:
+            if self._closed.is_set():
+                raise ClientClosedError("the Convex client was closed")
+            pause = self._retry_not_before - loop.time()
+            if pause > 0:
+                with anyio.move_on_after(pause):
+                    await self._closed.wait()
+                continue
             try:
-                return await self._fetch_checked(force)
+                token = await self._fetch_checked(force)
             except (_SignedOut, _Superseded, asyncio.CancelledError):
                 raise
             except SessionExpiredError as exc:
                 raise _SignedOut from exc
             except Exception as exc:
-                log.warning(
+                self._failures += 1
+                base = min(_RETRY_INITIAL * 2 ** min(self._failures - 1, 16), _RETRY_MAX)
+                wait = base * self._rng.uniform(0.5, 1.5)
+                retry_after = getattr(exc, "retry_after", None)
+                if isinstance(retry_after, int | float) and retry_after > 0:
+                    wait = max(wait, min(float(retry_after), _RETRY_MAX))
+                self._retry_not_before = max(self._retry_not_before, loop.time() + wait)
+                # Only None or SessionExpiredError end a session; anything else keeps it.
+                # One that does not call itself retryable is likely a bug or a broken
+                # deployment: say so louder, but still never sign the user out for it.
+                level = logging.WARNING if getattr(exc, "retryable", True) else logging.ERROR
+                log.log(
+                    level,
                     "token fetch failed (%s); keeping the session and retrying in %.1f s",
                     type(exc).__name__,
-                    delay,
+                    wait,
                 )
-                await anyio.sleep(delay * self._rng.uniform(0.5, 1.5))
-                delay = min(delay * 2, _RETRY_MAX)
+            else:
+                self._failures = 0
+                return token
+
+    def close(self) -> None:
+        """The client is closing: pending fetch loops end with ClientClosedError."""
+        self._closed.set()
+        self._wake.set()
 
     async def _fetch_checked(self, force: bool) -> str:
-        token = await self._fetch(force)
+        # Each attempt is bounded well inside the leeway, so one stalled request cannot
+        # use up the time left before the token expires.
+        with anyio.fail_after(self._attempt_timeout):
+            token = await self._fetch(force)
         assert token is not None
         return token
 

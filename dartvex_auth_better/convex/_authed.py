@@ -23,9 +23,44 @@ if TYPE_CHECKING:
     from ._pagination import PaginatedQuery
     from ._subscription import Subscription
 
-__all__ = ["AuthenticatedConvexClient", "SessionT"]
+__all__ = ["AuthEventStream", "AuthenticatedConvexClient", "SessionT"]
 
 SessionT = TypeVar("SessionT")
+
+
+class AuthEventStream:
+    """Auth events as an async iterator, queued from creation until closed."""
+
+    def __init__(self, listeners: set[asyncio.Queue[AuthEvent | None]]) -> None:
+        self._listeners = listeners
+        # None marks the end: close() puts it, so a pending __anext__ wakes and stops.
+        self._queue: asyncio.Queue[AuthEvent | None] = asyncio.Queue()
+        listeners.add(self._queue)
+
+    def __aiter__(self) -> AuthEventStream:
+        return self
+
+    async def __anext__(self) -> AuthEvent:
+        event = await self._queue.get()
+        if event is None:
+            self._queue.put_nowait(None)  # stay ended for later calls
+            raise StopAsyncIteration
+        return event
+
+    def close(self) -> None:
+        """Stop listening; events already queued are still delivered. Idempotent."""
+        if self._queue in self._listeners:
+            self._listeners.discard(self._queue)
+            self._queue.put_nowait(None)
+
+    async def __aenter__(self) -> AuthEventStream:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        self._listeners.discard(self._queue)
 
 
 class AuthenticatedConvexClient(Generic[SessionT]):
@@ -46,7 +81,7 @@ class AuthenticatedConvexClient(Generic[SessionT]):
         self.provider = provider
         self._state: Watched[AuthState] = Watched(Unauthenticated())
         self._pending: SessionT | None = None
-        self._listeners: set[asyncio.Queue[AuthEvent]] = set()
+        self._listeners: set[asyncio.Queue[AuthEvent | None]] = set()
         self._generation = 0
         client._auth.on_confirmed = self._on_confirmed
         client._auth.on_signed_out = self._on_signed_out
@@ -143,18 +178,12 @@ class AuthenticatedConvexClient(Generic[SessionT]):
     def refreshing_states(self) -> AsyncIterator[bool]:
         return self.client.auth_refreshing_states()
 
-    async def auth_events(self) -> AsyncIterator[AuthEvent]:
-        """Every auth event from the first iteration on, none skipped.
-
-        It starts listening when its loop first asks for an event, not when it is
-        called: start iterating before the sign-in whose SIGNED_IN you want to see."""
-        queue: asyncio.Queue[AuthEvent] = asyncio.Queue()
-        self._listeners.add(queue)
-        try:
-            while True:
-                yield await queue.get()
-        finally:
-            self._listeners.discard(queue)
+    def auth_events(self) -> AuthEventStream:
+        """Every auth event from this call on, none skipped (it listens from the moment
+        it is called, so ``events = authed.auth_events()`` before ``login()`` sees
+        SIGNED_IN). Iterate it with ``async for``; ``close()`` or leaving an
+        ``async with`` stops listening."""
+        return AuthEventStream(self._listeners)
 
     def _emit(self, event: AuthEvent) -> None:
         log.debug("auth event %s", event.value)

@@ -383,9 +383,10 @@ class ConvexClient:
         return AuthenticatedConvexClient(self, provider)
 
     def _on_auth_error(self, msg: AuthError) -> None:
-        self._auth.on_auth_error(msg)
-        # The server closes the socket after an AuthError; reconnect without backoff.
-        self._restart_immediately = True
+        if self._auth.on_auth_error(msg):
+            # The server closes the socket after an AuthError; reconnect without backoff
+            # (an ignored, stale AuthError gets the ordinary backoff instead).
+            self._restart_immediately = True
 
     # -- functions -----------------------------------------------------------------------
 
@@ -394,7 +395,7 @@ class ConvexClient:
 
         Identical subscriptions share one server query. See Subscription for details.
         """
-        self._check_usable()
+        self._check_callable()
         return Subscription(self._core, canonical_udf_path(name), encode_args(args))
 
     async def query(self, name: str, args: Mapping[str, Any] | None = None) -> Any:
@@ -418,7 +419,7 @@ class ConvexClient:
         See PaginatedQuery: iterate it for aggregate snapshots, call ``load_more()`` for
         the next page.
         """
-        self._check_usable()
+        self._check_callable()
         return PaginatedQuery(self._core, canonical_udf_path(name), args, page_size=page_size)
 
     async def mutation(
@@ -448,7 +449,7 @@ class ConvexClient:
         args: Mapping[str, Any] | None,
         optimistic_update: OptimisticUpdate | None,
     ) -> Any:
-        self._check_usable()
+        self._check_callable()
         request = self._core.request(
             kind, canonical_udf_path(name), encode_args(args), optimistic_update
         )
@@ -459,6 +460,14 @@ class ConvexClient:
             if not request.future.done() or request.future.cancelled():
                 self._core.abandon(request)
             self._publish_status()
+
+    def _check_callable(self) -> None:
+        """For function calls: usable, and not signed out under expect_auth."""
+        self._check_usable()
+        if self._auth.expect_auth and self._auth.signed_out:
+            # The session ended: with expect_auth nothing may run anonymously, so calls
+            # fail until the next sign-in instead.
+            raise SessionExpiredError("the session ended; sign in again")
 
     def _check_usable(self) -> None:
         if self._core.terminal_error is not None:
@@ -471,6 +480,8 @@ class ConvexClient:
     async def _guarded(self, work: Callable[[], Awaitable[None]]) -> None:
         try:
             await work()
+        except ClientClosedError:
+            pass  # closing: nothing to report
         except Exception as exc:
             # A bug must not leave callers hanging: fail everything with a typed error.
             convex_logger.exception("a Convex client background task failed")
@@ -683,6 +694,7 @@ class ConvexClient:
         if self._core.terminal_error is not None:
             return
         self._set_state(state)
+        self._auth.close()
         self._core.terminate(error)
         self._out = None
         self._status.set(self._snapshot())

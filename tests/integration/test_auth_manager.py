@@ -17,7 +17,9 @@ import pytest
 
 from dartvex_auth_better import (
     AuthRejectedError,
+    ClientClosedError,
     ConvexClient,
+    RateLimitedError,
     SessionExpiredError,
     TransportError,
 )
@@ -327,3 +329,102 @@ async def test_a_source_with_no_session_on_a_connected_client(issuer, convex):
     assert len(convex.connections) == 1
     frames = convex.connections[0].frames_of_type("Authenticate")
     assert [f["baseVersion"] for f in frames] == list(range(len(frames)))
+
+
+async def test_a_stalled_token_request_is_retried_within_the_leeway(issuer, convex):
+    stall = asyncio.Event()  # never set: the first refresh attempt hangs
+    calls: list[bool] = []
+
+    async def source(force_refresh: bool) -> str:
+        calls.append(force_refresh)
+        if len(calls) == 2:
+            await stall.wait()
+        token: str = issuer.mint("user-1", ttl=12, iat=time.time(), n=len(calls))
+        return token
+
+    # 12-second tokens, 10 s leeway (capped at 6 s): the stalled attempt is abandoned
+    # after 5 s and retried while the token is still valid.
+    async with ConvexClient(convex.url) as client:
+        with anyio.fail_after(25):
+            await client.set_auth(source)
+            await convex.wait_for_tokens(2, timeout=25)
+            me = await client.query("users:whoami")
+    assert me["subject"] == "user-1"
+    assert len(calls) >= 3
+    assert all(not t.was_expired for t in convex.received_tokens)
+    assert len(convex.connections) == 1  # no AuthError, no reconnect
+
+
+async def test_closing_ends_a_pending_set_auth(issuer, convex):
+    source = TokenSource(issuer)
+    source.fail_next = 1000
+    outcome: list[BaseException] = []
+    async with ConvexClient(convex.url) as client:
+
+        async def authenticate() -> None:
+            try:
+                await client.set_auth(source)
+            except ClientClosedError as exc:
+                outcome.append(exc)
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(authenticate)
+            await source.called.wait()
+            await client.aclose()
+    calls = len(source.calls)
+    assert len(outcome) == 1 and isinstance(outcome[0], ClientClosedError)
+    assert len(source.calls) == calls
+
+
+async def test_retry_after_is_honoured(issuer, convex):
+    source = TokenSource(issuer)
+    attempts: list[float] = []
+
+    async def limited(force_refresh: bool) -> str | None:
+        attempts.append(time.monotonic())
+        if len(attempts) == 1:
+            raise RateLimitedError("slow down (test)", retry_after=1.5)
+        return await source(force_refresh)
+
+    async with ConvexClient(convex.url) as client:
+        with anyio.fail_after(10):
+            await client.set_auth(limited)
+    assert len(attempts) == 2
+    assert attempts[1] - attempts[0] >= 1.5
+
+
+async def test_expect_auth_calls_fail_after_the_session_ends(issuer, convex):
+    source = TokenSource(issuer, ttl=4)
+    async with ConvexClient(convex.url, expect_auth=True, auth_refresh_leeway=2) as client:
+        with anyio.fail_after(15):
+            await client.set_auth(source)
+            source.signed_out = True
+            while not client._auth.signed_out:
+                source.called.clear()
+                await source.called.wait()
+                await anyio.lowlevel.checkpoint()
+            with pytest.raises(SessionExpiredError):
+                await client.mutation("messages:send", {"body": "anonymous?"})
+            with pytest.raises(SessionExpiredError):
+                await client.query("users:whoami")
+            # Signing in again makes calls work again.
+            source.signed_out = False
+            await client.set_auth(source)
+            assert (await client.query("users:whoami"))["subject"] == "user-1"
+    assert convex.db.query("messages") == []
+
+
+async def test_an_ignored_auth_error_gets_the_ordinary_backoff(issuer, convex):
+    async with ConvexClient(convex.url, initial_backoff=0.5) as client:
+        with anyio.fail_after(10):
+            await client.set_auth(TokenSource(issuer))
+            record = convex.connections[0]
+            # An AuthError about an older token (stale base version) is ignored: the
+            # close that follows is a normal one.
+            client._core.auth.identity_version = 5
+            await convex.send_auth_error("old token", auth_update_attempted=True)
+            closed_at = time.monotonic()
+            await record.wait_closed()
+            await convex.wait_for_connections(2)
+            reconnected_at = time.monotonic()
+    assert reconnected_at - closed_at >= 0.2  # backoff (0.25-0.75 s), not an instant restart
