@@ -376,6 +376,21 @@ class AuthManager:
 
     # -- the socket loop's hooks ------------------------------------------------------------------
 
+    async def _fetch_for_flow(self, force: bool) -> str | None:
+        """A token for the flow in force now, or None when there is none to use: a newer
+        set_auth/clear superseded this flow, or the session ended (signed out here, once).
+        """
+        generation = self._generation
+        try:
+            token = await self._fetch_until_done(force)
+        except _Superseded:
+            return None
+        except _SignedOut:
+            if generation == self._generation:
+                self._sign_out()
+            return None
+        return token if generation == self._generation else None
+
     async def before_connect(self) -> None:
         """Hold the connection until auth is configured (expect_auth) and the token in
         force is not expired by the wall clock."""
@@ -384,16 +399,8 @@ class AuthManager:
             return
         if self.token is not None and not self._expires_within(_CONNECT_MARGIN):
             return
-        generation = self._generation
-        try:
-            token = await self._fetch_until_done(force=self.token is not None)
-        except _Superseded:
-            return
-        except _SignedOut:
-            if generation == self._generation:
-                self._sign_out()
-            return
-        if generation == self._generation:
+        token = await self._fetch_for_flow(force=self.token is not None)
+        if token is not None:
             self._use_token(token)
 
     async def reauthenticate(self) -> None:
@@ -407,17 +414,9 @@ class AuthManager:
             )
             self._sign_out()
             return
-        generation = self._generation
         previous = self.token
-        try:
-            token = await self._fetch_until_done(force=True)
-        except _Superseded:
-            return
-        except _SignedOut:
-            if generation == self._generation:
-                self._sign_out()
-            return
-        if generation != self._generation:
+        token = await self._fetch_for_flow(force=True)
+        if token is None:
             return
         if token == previous and self._expires_within(0):
             log.warning("the token source returned the same, expired token")
@@ -426,16 +425,8 @@ class AuthManager:
     async def initial_fetch(self) -> None:
         """For set_auth(fetcher) without an initial token: the first token, non-forced,
         retrying transient failures. Signs out when the source has no session."""
-        generation = self._generation
-        try:
-            token = await self._fetch_until_done(force=False)
-        except _Superseded:
-            return
-        except _SignedOut:
-            if generation == self._generation:
-                self._sign_out()
-            return
-        if generation == self._generation:
+        token = await self._fetch_for_flow(force=False)
+        if token is not None:
             self._use_token(token)
 
     @property
@@ -449,16 +440,12 @@ class AuthManager:
         when the session is over."""
         if self._fetcher is None or self._signed_out_latch:
             raise SessionExpiredError("there is no session to refresh; sign in")
-        generation = self._generation
-        try:
-            token = await self._fetch_until_done(force=True)
-        except _Superseded:
+        token = await self._fetch_for_flow(force=True)
+        if token is None:
+            if self._signed_out_latch:
+                raise SessionExpiredError("the session ended; sign in again")
             return False
-        except _SignedOut:
-            if generation == self._generation:
-                self._sign_out()
-            raise SessionExpiredError("the session ended; sign in again") from None
-        if generation == self._generation and token != self.token:
+        if token != self.token:
             self._use_token(token)
             self.send_authenticate()
             return True
@@ -526,18 +513,10 @@ class AuthManager:
             await self._refresh_once()
 
     async def _refresh_once(self) -> None:
-        generation = self._generation
         self._refresh_at = None
         previous = self.token
-        try:
-            token = await self._fetch_until_done(force=True)
-        except _Superseded:
-            return
-        except _SignedOut:
-            if generation == self._generation:
-                self._sign_out()
-            return
-        if generation != self._generation:
+        token = await self._fetch_for_flow(force=True)
+        if token is None:
             return
         if token == previous:
             # Same token (the server issues identical JWTs within one second): try again
