@@ -9,8 +9,8 @@ How answers map to results (see :class:`BetterAuthClient` for each operation):
 - 2xx with the expected JSON: the result. A 2xx whose JSON object carries a non-empty
   string ``code`` is an error answer in disguise and raises like a 4xx would.
 - 2xx with a body we cannot use (not JSON, an array, a ``user`` that is not an object, a
-  ``token`` that is not a string): :class:`BetterAuthResponseError`, naming the endpoint
-  and status.
+  ``token`` that is not a string, a ``/get-session`` object without a ``session`` field):
+  :class:`BetterAuthResponseError`, naming the endpoint and status.
 - 401/403 from ``/convex/token``: :class:`SessionExpiredError`, whatever the body says.
   From ``/get-session``: ``None`` (see :meth:`BetterAuthClient.get_session`).
 - 429: :class:`RateLimitedError` with ``retry_after``; 5xx: :class:`BetterAuthError` with
@@ -294,8 +294,9 @@ class BetterAuthClient:
         versions) and a 401/403 from the follow-up ``/convex/token`` mean the same and
         also give None. So None is the one final "sign in again" answer of this method,
         where :meth:`convex_token` raises SessionExpiredError; anything else that goes
-        wrong (network, timeout, 5xx, 429, a body of the wrong shape) raises, and the
-        session token should be kept for a retry.
+        wrong (network, timeout, 5xx, 429, a body of the wrong shape, among them an object
+        with no ``session`` field at all) raises, and the session token should be kept
+        for a retry.
 
         When the server rotates the token (``set-auth-token`` on the response, as on a
         sliding refresh), the returned ``session_token`` is the new one: persist it.
@@ -314,7 +315,11 @@ class BetterAuthClient:
         if not isinstance(data, dict):
             raise _shape_error(response, "with JSON that is neither an object nor null")
         self._raise_for_error_body(response, data)
-        session = data.get("session")
+        if "session" not in data:
+            # Not Better Auth's answer (a proxy's `{}`, an app's `{"message": ...}`): no
+            # proof that the session is gone, so the caller must keep the token.
+            raise _shape_error(response, "without a session field")
+        session = data["session"]
         if session is None:
             return None
         if not isinstance(session, dict):

@@ -419,14 +419,25 @@ async def test_get_session_then_a_503_from_convex_token_is_retryable(fake_better
         ({"session": SESSION_ROW, "user": ["ada"]}, "a user that is not an object"),
         ([SESSION_ROW], "neither an object nor null"),
         ("OK", "neither an object nor null"),
+        # Better Auth says "gone" with `null` or `"session": null`, never by leaving the
+        # field out: an object without it (a proxy's `{}`, some app's greeting) proves
+        # nothing, and returning None would make the caller throw the token away.
+        ({}, "without a session field"),
+        ({"message": "hello from the app"}, "without a session field"),
+        ({"user": USER}, "without a session field"),
     ],
 )
 async def test_get_session_rejects_broken_shapes(fake_better_auth, body, expected):
     fake_better_auth.on("GET", GET_SESSION, Reply(json=body))
+    fake_better_auth.on("GET", CONVEX_TOKEN, Reply(json={"token": JWT}))
     async with client(fake_better_auth) as auth:
         with pytest.raises(BetterAuthResponseError, match=expected) as caught:
             await auth.get_session(SIGNED_TOKEN)
-    assert caught.value.endpoint == GET_SESSION and caught.value.status == 200
+    err = caught.value
+    assert err.endpoint == GET_SESSION and err.status == 200 and not err.retryable
+    assert f"{GET_SESSION} answered HTTP 200" in str(err)
+    assert fake_better_auth.requests(CONVEX_TOKEN) == []
+    assert_no_secrets(err)
 
 
 @pytest.mark.parametrize("raw", ["OK", ""], ids=["text", "empty"])
