@@ -25,7 +25,7 @@ import email.utils
 import math
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from http.cookies import Morsel
 from types import TracebackType
 from typing import Any, Final, Self
@@ -114,10 +114,12 @@ class _Response:
 
     endpoint: str
     status: int
-    headers: Mapping[str, str]
-    set_cookies: tuple[str, ...]
-    body: bytes
-    secrets: tuple[str, ...]
+    # Out of the repr: headers, cookies and body can carry tokens, and `secrets` is made
+    # of them. A debugger or a logged repr shows only where the answer came from.
+    headers: Mapping[str, str] = field(repr=False)
+    set_cookies: tuple[str, ...] = field(repr=False)
+    body: bytes = field(repr=False)
+    secrets: tuple[str, ...] = field(repr=False)
     """What the request carried (password, tokens); scrubbed from any server text we show."""
 
     @property
@@ -437,12 +439,14 @@ class BetterAuthClient:
             error = parse_qs(urlsplit(location).query).get("error", [""])[0]
             if error:
                 cls = _CODE_TO_ERROR.get(error, BetterAuthError)
+                # The Location is the server's text: it must not echo the token back.
+                code = _scrub(error, response.secrets, min_length=1)
                 raise cls(
                     f"Better Auth {_VERIFY_MAGIC_LINK} refused the token: it redirected "
-                    f"(HTTP {response.status}) with error={error}",
+                    f"(HTTP {response.status}) with error={code}",
                     endpoint=_VERIFY_MAGIC_LINK,
                     status=response.status,
-                    code=error,
+                    code=code,
                     retryable=False,
                 )
             return await self._session_from_auth_response(
@@ -692,7 +696,9 @@ def _error_fields(response: _Response) -> tuple[str | None, str | None]:
         message = error if isinstance(error, str) and error else None
     if message is not None:
         message = _scrub(message, response.secrets)
-    return (code if isinstance(code, str) and code else None), message
+    if isinstance(code, str) and code:
+        return _scrub(code, response.secrets), message
+    return None, message
 
 
 def _detail(code: str | None, message: str | None) -> str:
@@ -717,9 +723,11 @@ def _status_error(response: _Response, site_url: str) -> BetterAuthError:
             detail = " and a JSON body without an error message"
     if 300 <= status < 400:
         # Only verify is expected to redirect; elsewhere a redirect means a wrong URL
-        # (http to https, a missing trailing host). Show where to, without the query.
+        # (http to https, a missing trailing host). Show where to, without the query, and
+        # without what the request carried: a path like /reset/<token> is common.
         target = urlsplit(response.headers.get("Location", ""))
         where = f"{target.scheme}://{target.netloc}{target.path}" if target.netloc else "?"
+        where = _scrub(where, response.secrets, min_length=1)
         detail += f"; it redirects to {where}, check site_url"
     elif status == 404 and code is None:
         needs = _ROUTE_NEEDS.get(response.endpoint, "")

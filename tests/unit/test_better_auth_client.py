@@ -23,6 +23,7 @@ from dartvex_auth_better import (
     InvalidTokenError,
     SessionExpiredError,
 )
+from dartvex_auth_better.better_auth._client import _Response
 from tests.better_auth_fakes import (
     FakeBetterAuth,
     Reply,
@@ -587,6 +588,19 @@ async def test_verify_error_redirects_are_typed(fake_better_auth, error, error_t
     assert_no_secrets(err)
 
 
+async def test_a_verify_error_redirect_that_echoes_the_token_does_not_show_it(
+    fake_better_auth,
+):
+    location = f"{fake_better_auth.url}/?error=bad-{quote(LINK_TOKEN)}"
+    fake_better_auth.on("GET", VERIFY, Reply(status=302, headers=[("Location", location)]))
+    async with client(fake_better_auth) as auth:
+        with pytest.raises(BetterAuthError) as caught:
+            await auth.verify_magic_link(LINK_TOKEN)
+    err = caught.value
+    assert err.code == "bad-<redacted>" and "error=bad-<redacted>" in str(err)
+    assert_no_secrets(err)
+
+
 async def test_verify_redirect_without_a_session_or_an_error(fake_better_auth):
     fake_better_auth.on("GET", VERIFY, Reply(status=302, headers=[("Location", "/")]))
     async with client(fake_better_auth) as auth:
@@ -659,6 +673,22 @@ def test_session_repr_str_and_rich_repr_hide_both_tokens():
     # Storing it is deliberate: msgspec encodes every field.
     stored = msgspec.json.decode(msgspec.json.encode(session), type=BetterAuthSession)
     assert stored == session and stored.session_token == SIGNED_TOKEN
+
+
+def test_a_response_repr_hides_what_can_carry_secrets():
+    response = _Response(
+        GET_SESSION,
+        200,
+        {"set-auth-token": SIGNED_TOKEN, "Content-Type": "application/json"},
+        (f"better-auth.convex_jwt={JWT}; Path=/",),
+        msgspec.json.encode({"token": BARE_TOKEN, "echo": PASSWORD}),
+        (SIGNED_TOKEN, PASSWORD),
+    )
+    text = repr(response)
+    assert GET_SESSION in text and "200" in text
+    for hidden in (SIGNED_TOKEN, BARE_TOKEN, JWT, PASSWORD, "set-auth-token", "convex_jwt"):
+        assert hidden not in text
+    assert response.body and response.secrets  # hidden from the repr, still there
 
 
 def test_session_is_a_frozen_value():

@@ -53,6 +53,7 @@ SIGN_OUT = "/api/auth/sign-out"
 GET_SESSION = "/api/auth/get-session"
 CONVEX_TOKEN = "/api/auth/convex/token"
 REQUEST_RESET = "/api/auth/request-password-reset"
+RESET_PASSWORD = "/api/auth/reset-password"
 MAGIC_LINK = "/api/auth/sign-in/magic-link"
 VERIFY = "/api/auth/magic-link/verify"
 
@@ -60,6 +61,8 @@ PASSWORD = secret("transport test password 5%x")
 TOKEN = secret("sessionTokenForTransportTests0001.c2lnbmF0dXJlLXNpZ25hdHVyZQ==")
 JWT = secret(make_jwt({"sub": "user-9", "email": "tess@example.com", "name": "Tess"}))
 LINK_TOKEN = secret("magicLinkTokenForTransportTest01")
+RESET_TOKEN = secret("resetTokenForTransportTests00001")
+NEW_PASSWORD = secret("transport new password 6&y")
 USER = {"id": "user-9", "email": "tess@example.com", "name": "Tess"}
 SIGNED_IN = Reply(
     json={"token": TOKEN, "user": USER},
@@ -204,6 +207,21 @@ async def test_a_redirect_outside_verify_is_an_error_and_not_followed(fake_bette
     assert f"redirects to {fake_better_auth.url}/moved, check site_url" in str(caught.value)
     assert "ref=abc" not in str(caught.value) and caught.value.status == 301
     assert fake_better_auth.requests("/moved") == []
+
+
+async def test_a_redirect_does_not_show_a_token_in_its_path(fake_better_auth):
+    # Some front ends answer a reset with a redirect to /reset/<token>: the path is shown
+    # (it tells a wrong URL apart), the token in it is not.
+    location = f"{fake_better_auth.url}/reset/{RESET_TOKEN}?token={RESET_TOKEN}"
+    fake_better_auth.on("POST", RESET_PASSWORD, Reply(status=302, headers=[("Location", location)]))
+    async with client(fake_better_auth) as auth:
+        with pytest.raises(BetterAuthError) as caught:
+            await auth.reset_password(RESET_TOKEN, NEW_PASSWORD)
+    err = caught.value
+    assert f"redirects to {fake_better_auth.url}/reset/<redacted>, check site_url" in str(err)
+    assert (err.status, err.endpoint, err.retryable) == (302, RESET_PASSWORD, False)
+    assert_no_secrets(err)
+    assert len(fake_better_auth.received) == 1  # not followed
 
 
 # ------------------------------------------------------------------ 429
