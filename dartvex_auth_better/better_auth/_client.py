@@ -493,7 +493,7 @@ class BetterAuthClient:
             payload = msgspec.json.encode(body)
         started = time.perf_counter()
         failure: str | None = None  # what went wrong, when no response came
-        timed_out = False
+        timed_out = connecting = False
         try:
             async with http.request(
                 method,
@@ -514,8 +514,8 @@ class BetterAuthClient:
                 response = _Response(
                     endpoint, resp.status, resp.headers, set_cookies, content, tuple(secrets)
                 )
-        except TimeoutError:
-            failure, timed_out = "timed out", True
+        except TimeoutError as exc:
+            failure, timed_out, connecting = "timed out", True, _is_connect_timeout(exc)
         except (aiohttp.ClientError, OSError) as exc:
             # aiohttp's text can include the URL, and a magic-link URL carries a token.
             failure = _scrub(_describe(exc), secrets, min_length=1)
@@ -526,6 +526,11 @@ class BetterAuthClient:
             log.debug("%s %s failed after %.0f ms: %s", method, endpoint, elapsed, failure)
             if self._closed:
                 raise ClientClosedError(f"the BetterAuthClient was closed during {endpoint}")
+            if connecting:
+                raise RequestTimeoutError(
+                    f"could not connect to Better Auth at {self._site_url} for {endpoint} "
+                    f"within connect_timeout ({self._timeout.connect:g} s)"
+                )
             if timed_out:
                 raise RequestTimeoutError(
                     f"Better Auth {endpoint} did not answer within the timeout "
@@ -646,6 +651,15 @@ def _scrub(text: str, secrets: Sequence[str], *, min_length: int = _MIN_SCRUBBED
     return text
 
 
+def _is_connect_timeout(exc: BaseException) -> bool:
+    """Whether aiohttp gave up connecting (``connect_timeout``), not waiting for an answer."""
+    connection_timeout = getattr(aiohttp, "ConnectionTimeoutError", None)  # aiohttp >= 3.10
+    if isinstance(connection_timeout, type):
+        return isinstance(exc, connection_timeout)
+    # aiohttp 3.9 raises the base class for both, told apart by the text.
+    return isinstance(exc, aiohttp.ServerTimeoutError) and str(exc).startswith("Connection timeout")
+
+
 def _describe(exc: BaseException) -> str:
     text = str(exc).strip()
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
@@ -733,7 +747,9 @@ def _status_error(response: _Response, site_url: str) -> BetterAuthError:
         needs = _ROUTE_NEEDS.get(response.endpoint, "")
         detail += (
             f": the route was not found at {site_url}. Check that this is the Better Auth "
-            "server (on Convex, the .convex.site host)" + (f" and that {needs}" if needs else "")
+            "server (on Convex, the .convex.site host; a local Convex backend serves HTTP "
+            "actions on port 3211, so pass site_url='http://127.0.0.1:3211')"
+            + (f" and that {needs}" if needs else "")
         )
     elif code is not None and code in _CODE_HINTS:
         detail += f"; {_CODE_HINTS[code]}"

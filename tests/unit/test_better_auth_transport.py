@@ -179,6 +179,8 @@ async def test_an_empty_404_says_the_route_was_not_found(
     err = caught.value
     assert f"{path} failed with HTTP 404: the route was not found at {auth.site_url}" in str(err)
     assert hint in str(err)
+    # A local backend: Convex answers on :3210, its HTTP actions (Better Auth) on :3211.
+    assert "HTTP actions on port 3211" in str(err) and "site_url=" in str(err)
     assert (err.status, err.code, err.retryable) == (404, None, False)
     assert [(r.method, r.path) for r in fake_better_auth.received] == [(method, path)]
 
@@ -334,6 +336,50 @@ async def test_a_connection_dropped_mid_answer_is_a_transport_error(fake_better_
             await auth.sign_in("t@example.com", PASSWORD)
     assert type(caught.value) is TransportError and caught.value.retryable
     assert SIGN_IN in str(caught.value)
+
+
+class HangingResolver(AbstractResolver):
+    """A name server that never answers: connecting cannot finish."""
+
+    def __init__(self) -> None:
+        self.asked = anyio.Event()
+        self.answer = anyio.Event()  # never set: the lookup is cancelled by the timeout
+
+    async def resolve(
+        self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
+    ) -> list[ResolveResult]:
+        self.asked.set()
+        await self.answer.wait()
+        raise AssertionError("the hanging resolver was released")
+
+    async def close(self) -> None:
+        pass
+
+
+async def test_connecting_is_bounded_by_connect_timeout(fake_better_auth):
+    resolver = HangingResolver()
+    # No DNS cache: aiohttp awaits the resolver directly, so the timeout cancels it.
+    connector = aiohttp.TCPConnector(resolver=resolver, use_dns_cache=False)
+    async with (
+        aiohttp.ClientSession(connector=connector) as http,
+        BetterAuthClient(
+            f"http://auth.invalid:{fake_better_auth.port}",
+            allow_insecure=True,
+            session=http,
+            timeout=60,
+            connect_timeout=0.2,
+        ) as auth,
+    ):
+        # Well below the total timeout: only connect_timeout can end the call in time.
+        with anyio.fail_after(30), pytest.raises(RequestTimeoutError) as caught:
+            await auth.get_session(TOKEN)
+    assert resolver.asked.is_set() and fake_better_auth.received == []
+    err = caught.value
+    assert isinstance(err, TimeoutError) and err.retryable
+    assert "could not connect to Better Auth at http://auth.invalid:" in str(err)
+    assert f"for {GET_SESSION} within connect_timeout (0.2 s)" in str(err)
+    assert err.__context__ is None and err.__cause__ is None
+    assert_no_secrets(err)
 
 
 def test_transport_texts_are_scrubbed_of_the_request_secrets():
