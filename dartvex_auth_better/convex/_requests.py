@@ -15,7 +15,7 @@ from typing import Any, Literal
 
 import msgspec
 
-from .._errors import ConnectionLostError, ConvexError, DartvexError
+from .._errors import ConnectionLostError, ConvexError, DartvexError, ProtocolError
 from ._protocol import ActionMsg, ActionResponse, MutationMsg, MutationResponse, decode_ts
 from ._values import decode_json, decode_raw_or_none
 
@@ -93,8 +93,15 @@ class RequestManager:
         if request is None or request.status == "completed":
             return set()  # a duplicate answer to a re-sent mutation, or a cancelled caller
         if not msg.success:
+            # Build the error before dropping the request: a malformed errorData must fail
+            # this call (with the ProtocolError), never leave its future unset.
+            error: DartvexError
+            try:
+                error = _function_error(msg)
+            except (msgspec.DecodeError, DartvexError) as exc:
+                error = exc if isinstance(exc, DartvexError) else ProtocolError(str(exc))
             del self._inflight[msg.request_id]
-            _fail(request, _function_error(msg))
+            _fail(request, error)
             return {msg.request_id}
         if isinstance(msg, ActionResponse):
             del self._inflight[msg.request_id]

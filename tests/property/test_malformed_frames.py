@@ -209,6 +209,13 @@ async def _check(frames: list[bytes]) -> None:
     action = core.request("action", "a:f", encode_args({}))
     for frame in frames:
         drive(core, frame)
+        # Every request is either finished or still tracked (so a reconnect re-sends it
+        # or a close fails it): never dropped with its future unset.
+        outstanding = core.requests.outstanding_ids()
+        for request in (mutation, action):
+            assert request.future.done() or request.message.request_id in outstanding, (
+                f"request {request.message.request_id} is neither done nor tracked"
+            )
     # After whatever happened, a reconnect brings the core back to a working state.
     frames_out = core.restart()
     assert frames_out, "a restart always produces at least a Connect"

@@ -236,6 +236,24 @@ async def test_an_invalid_result_value_fails_the_call_with_a_protocol_error():
     assert isinstance(outcome(request), ProtocolError)
 
 
+@pytest.mark.parametrize("kind", ["MutationResponse", "ActionResponse"])
+async def test_a_failure_with_invalid_error_data_fails_the_call_with_a_protocol_error(kind: str):
+    # The error is built before the request is dropped: a decode failure must still
+    # finish the call, or it hangs forever (even a close could not reach it).
+    manager = RequestManager()
+    request = sent(manager, "mutation" if kind == "MutationResponse" else "action")
+    frame = (
+        b'{"type":"%s","requestId":0,"success":false,"result":"x","logLines":[],'
+        b'"errorData":{"$integer":"AQ=="}}' % kind.encode()
+    )
+    decoded = decode_server_message(frame)
+    assert isinstance(decoded, MutationResponse | ActionResponse)
+    assert manager.on_response(decoded, 0) == {0}
+    error = outcome(request)
+    assert isinstance(error, ProtocolError) and "$integer" in str(error)
+    assert len(manager) == 0 and manager.restart() == []
+
+
 async def test_counts_rise_and_fall():
     manager = RequestManager()
     m1 = sent(manager, "mutation")
