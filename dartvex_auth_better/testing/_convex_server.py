@@ -1192,9 +1192,13 @@ class ConnectionRecord:
         client_header: the ``Convex-Client`` request header, or None.
         session_id: the ``sessionId`` of the Connect message (None until it arrives).
         frames: every client frame that decoded as a JSON object, in arrival order.
+        raw_frame_count: how many text or binary frames arrived in all, malformed ones
+            (not JSON, or JSON that is not an object) included.
         closed: True once the socket is gone.
         identity: the verified JWT claims in force, or None when anonymous.
         user_identity: what ``ctx.auth.get_user_identity()`` returns for this connection.
+
+    Fault injection on this one socket: :meth:`drop`, :meth:`close`, :meth:`send_raw`.
     """
 
     def __init__(self, *, path: str, client_header: str | None, notifier: _Notifier) -> None:
@@ -1202,11 +1206,13 @@ class ConnectionRecord:
         self.client_header = client_header
         self.session_id: str | None = None
         self.frames: list[dict[str, Any]] = []
+        self.raw_frame_count = 0
         self.closed = False
         self.identity: dict[str, Any] | None = None
         self.user_identity: dict[str, Any] | None = None
         self.opened_at = time.time()
         self._notifier = notifier
+        self._conn: _Connection | None = None
 
     def __repr__(self) -> str:
         return (
@@ -1244,6 +1250,32 @@ class ConnectionRecord:
     async def wait_closed(self, timeout: float = 5.0) -> None:  # noqa: ASYNC109
         """Wait until the socket is closed."""
         await self._notifier.wait_for(lambda: self.closed, timeout)
+
+    # -- fault injection on this socket ---------------------------------------------------
+
+    async def drop(self) -> None:
+        """Cut this socket abruptly (TCP abort, no Close frame) and wait until the server
+        has noticed. Does nothing once it is closed."""
+        if self._conn is None or self.closed:
+            return
+        self._conn.abort()
+        await self.wait_closed(_CLOSE_GRACE_SECONDS + 1.0)
+
+    async def close(self, code: int = 1011, reason: str = "InternalServerError") -> None:
+        """Send a Close frame with ``code``/``reason`` on this socket (no protocol message
+        first). Does nothing once it is closing."""
+        if self._conn is not None:
+            await self._conn.terminate(None, code=code, reason=reason)
+
+    async def send_raw(self, data: bytes | str, *, binary: bool = False) -> bool:
+        """Send one frame exactly as given, at once (ignoring :meth:`LocalConvex.pause`
+        and ``response_delay``): a wrong or malformed server message, even a text frame
+        that is not UTF-8. Returns False when the socket is already closing."""
+        if self._conn is None:
+            return False
+        payload = data.encode() if isinstance(data, str) else data
+        opcode = aiohttp.WSMsgType.BINARY if binary else aiohttp.WSMsgType.TEXT
+        return await self._conn.send_verbatim(payload, opcode)
 
 
 # --------------------------------------------------------------------------------------
@@ -1287,6 +1319,7 @@ class _Connection:
             client_header=request.headers.get("Convex-Client"),
             notifier=server._notifier_required,
         )
+        self.record._conn = self
         self.session_id: str | None = None
         self.received_qs = 0
         self.received_identity = 0
@@ -1373,13 +1406,14 @@ class _Connection:
         while True:
             msg = await ws.receive()
             if msg.type in (aiohttp.WSMsgType.TEXT, aiohttp.WSMsgType.BINARY):
+                self.record.raw_frame_count += 1
                 try:
                     obj: object = msgspec.json.decode(msg.data)
                 except msgspec.DecodeError as exc:
                     obj = _Malformed(f"Client sent a frame that is not JSON: {exc}")
                 if isinstance(obj, dict):
                     self.record.frames.append(obj)
-                    self.server._notify()
+                self.server._notify()
                 self._inbox.append(obj)
                 self._inbox_signal.set()
                 continue
@@ -1411,6 +1445,19 @@ class _Connection:
             try:
                 for payload in payloads:
                     await self.ws.send_frame(payload, aiohttp.WSMsgType.TEXT)
+            except ConnectionError:
+                self.abort()
+                return False
+            self._last_send = anyio.current_time()
+            return True
+
+    async def send_verbatim(self, payload: bytes, opcode: aiohttp.WSMsgType) -> bool:
+        """Write one frame as given, now (no pause, no delay); False once closing."""
+        async with self._send_lock:
+            if self.closing:
+                return False
+            try:
+                await self.ws.send_frame(payload, opcode)
             except ConnectionError:
                 self.abort()
                 return False
@@ -1840,7 +1887,9 @@ class LocalConvex:
     :attr:`db`. Fault injection: :meth:`drop_connections`, :meth:`close_connections`,
     :meth:`send_fatal_error`, :meth:`send_auth_error`, :meth:`pause`/:meth:`resume`,
     :attr:`transition_chunk_size`, :meth:`wrong_start_version_once`,
-    :meth:`invalidate_cursors`.
+    :meth:`invalidate_cursors`, :meth:`hold_handshakes`; per socket,
+    :meth:`ConnectionRecord.drop`, :meth:`ConnectionRecord.close` and
+    :meth:`ConnectionRecord.send_raw`.
     """
 
     def __init__(
@@ -1887,6 +1936,9 @@ class LocalConvex:
         self._closing = False
         self._closed = False
         self._wrong_start_versions = 0
+        self._holding_handshakes = False
+        self.handshake_attempts = 0
+        """How many sync upgrade requests arrived (held ones included)."""
 
     # -- lifecycle ------------------------------------------------------------------------
 
@@ -2108,6 +2160,22 @@ class LocalConvex:
         for conn in self._open:
             conn.rerun_all()
 
+    def hold_handshakes(self) -> None:
+        """Read each new sync upgrade request but hold the answer (no 101) until
+        :meth:`release_handshakes`: a server that accepts TCP connections and then hangs,
+        for connect timeouts. A request whose client gave up meanwhile is then dropped;
+        sockets already open are not affected."""
+        self._holding_handshakes = True
+
+    def release_handshakes(self) -> None:
+        """Undo :meth:`hold_handshakes`: held requests (still wanted) complete now."""
+        self._holding_handshakes = False
+        self._notify()
+
+    async def wait_for_handshake_attempts(self, n: int, timeout: float = 5.0) -> None:  # noqa: ASYNC109
+        """Wait until at least ``n`` sync upgrade requests arrived in total (held or not)."""
+        await self._notifier_required.wait_for(lambda: self.handshake_attempts >= n, timeout)
+
     def wrong_start_version_once(self) -> None:
         """Make the next Transition sent (on any socket) carry a wrong ``startVersion``
         (its ``ts`` is one more than the version the client is at)."""
@@ -2283,6 +2351,15 @@ class LocalConvex:
     async def _handle_sync(self, request: web.Request) -> web.StreamResponse:
         if self._closing:
             raise web.HTTPServiceUnavailable()
+        self.handshake_attempts += 1
+        self._notify()
+        if self._holding_handshakes:
+            await self._notifier_required.wait_for(
+                lambda: not self._holding_handshakes or self._closing, timeout=math.inf
+            )
+            transport = request.transport
+            if self._closing or transport is None or transport.is_closing():
+                raise web.HTTPServiceUnavailable()  # the client has given up, or we close
         # No message-size cap: Transitions can be large. autoclose=False so that we can
         # finish a close handshake we started with a status-less Close frame ourselves.
         ws = web.WebSocketResponse(autoclose=False, max_msg_size=0)

@@ -1027,3 +1027,96 @@ def test_response_delay_holds_every_answer() -> None:
             assert elapsed >= 0.3
 
     anyio.run(main)
+
+
+# --------------------------------------------------------------------------------------
+# Per-connection fault injection and raw frame counts
+# --------------------------------------------------------------------------------------
+
+
+def test_raw_frame_count_includes_frames_that_are_not_json_objects() -> None:
+    async def body() -> None:
+        async with LocalConvex() as convex:
+            for n, malformed in enumerate(["[1, 2]", "not json"], start=1):
+                async with client(convex) as c:
+                    await c.connect()
+                    await c.ws.send_str(malformed)  # the server answers FatalError
+                    assert (await c.recv())["type"] == "FatalError"
+                    record = await convex.wait_for_connections(n)
+                    # The reader counted the frame before the dispatcher answered it.
+                    assert record.raw_frame_count == 2
+                    assert [f["type"] for f in record.frames] == ["Connect"]
+
+    run(body)
+
+
+def test_a_record_drops_or_closes_only_its_own_socket() -> None:
+    async def body() -> None:
+        async with LocalConvex() as convex, client(convex) as a, client(convex) as b:
+            await a.connect("a")
+            await b.connect("b")
+            first = await convex.wait_for_connections(1)
+            second = await convex.wait_for_connections(2)
+            await first.wait_for_frame("Connect")
+            await second.wait_for_frame("Connect")
+
+            await first.close(4001, "GoAway")
+            msg = await a.expect_close()
+            assert (msg.type, msg.data, msg.extra) == (aiohttp.WSMsgType.CLOSE, 4001, "GoAway")
+            await first.wait_closed()
+            assert not second.closed
+
+            await second.drop()
+            assert second.closed
+            assert (await b.expect_close()).type is not aiohttp.WSMsgType.CLOSE  # no handshake
+            await second.drop()  # a no-op once closed
+            await second.close()
+            assert convex.open_connections == []
+
+    run(body)
+
+
+def test_send_raw_sends_a_frame_verbatim_even_one_that_is_not_utf8() -> None:
+    async def body() -> None:
+        async with LocalConvex() as convex, client(convex) as c:
+            await c.connect()
+            record = await convex.wait_for_connections(1)
+            await record.wait_for_frame("Connect")
+            convex.pause()  # send_raw ignores the pause switch
+            assert await record.send_raw('{"type":"Nope"}')
+            assert await c.recv() == {"type": "Nope"}
+            assert await record.send_raw(b"\x00\x01", binary=True)
+            msg = await c.ws.receive()
+            assert (msg.type, msg.data) == (aiohttp.WSMsgType.BINARY, b"\x00\x01")
+            assert await record.send_raw(b"\xff\xfe")  # a text frame that is not UTF-8
+            msg = await c.ws.receive()
+            assert msg.type is aiohttp.WSMsgType.ERROR
+            await record.wait_closed()
+            assert not await record.send_raw("{}")
+
+    run(body)
+
+
+def test_hold_handshakes_holds_new_sockets_until_released() -> None:
+    async def body() -> None:
+        async with LocalConvex() as convex, aiohttp.ClientSession() as session:
+            convex.hold_handshakes()
+            # A client that gives up on a held handshake: the request is dropped later.
+            with pytest.raises(TimeoutError):
+                await asyncio.wait_for(session.ws_connect(convex.sync_url), timeout=0.2)
+            assert convex.handshake_attempts == 1 and convex.connections == []
+
+            pending = asyncio.ensure_future(session.ws_connect(convex.sync_url))
+            await convex.wait_for_handshake_attempts(2)
+            assert not pending.done() and convex.connections == []
+            convex.release_handshakes()
+            ws = await pending
+            try:
+                record = await convex.wait_for_connections(1)
+                await ws.send_json({"type": "Connect", "sessionId": "s", "connectionCount": 0})
+                assert (await record.wait_for_frame("Connect"))["sessionId"] == "s"
+                assert len(convex.connections) == 1  # the abandoned request never opened
+            finally:
+                await ws.close()
+
+    run(body)
