@@ -21,7 +21,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Awaitable
+from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,9 +36,13 @@ from dartvex_auth_better import (
     BetterAuthSession,
     ConvexBetterAuthProvider,
     FileSessionStore,
+    KeyringSessionStore,
+    SessionStore,
 )
 from dartvex_auth_better import cli as cli_module
 from dartvex_auth_better._jwt import token_claims
+from dartvex_auth_better.better_auth._storage import DEFAULT_KEYRING_SERVICE
+from tests.integration.test_provider import FaultyProxy
 
 pytestmark = [pytest.mark.anyio, pytest.mark.integration]
 
@@ -160,13 +164,17 @@ class Cli:
         record: dict[str, Any] = json.loads(envelope["session"])
         return record
 
-    async def seed(self, email: str | None = None) -> BetterAuthSession:
+    async def seed(self, email: str | None = None, *, backend: Any = None) -> BetterAuthSession:
         """Sign a new user up in-process and save the session where the command line
-        looks for it, through the command line's own store code."""
+        looks for it, through the command line's own store code: the session file, or
+        with ``backend`` the keyring entry ``--keyring`` reads from that backend."""
         async with BetterAuthClient(self.env["DARTVEX_SITE_URL"]) as auth:
-            store = cli_module._HostBoundStore(
-                FileSessionStore(self.session_file), auth.site_url, str(self.session_file)
+            inner: SessionStore = (
+                FileSessionStore(self.session_file)
+                if backend is None
+                else KeyringSessionStore(username=auth.site_url, backend=backend)
             )
+            store = cli_module._HostBoundStore(inner, auth.site_url, str(self.session_file))
             provider = ConvexBetterAuthProvider(auth, store=store)
             session = await provider.sign_up("Cli User", email or new_email(), PASSWORD)
         assert store.save_error is None
@@ -183,6 +191,12 @@ class Lines:
     async def next(self, seconds: float = 10.0) -> str:
         with anyio.fail_after(seconds):
             return (await self._stream.receive_until(b"\n", 1 << 20)).decode()
+
+    async def until(self, text: str, seconds: float = 10.0) -> str:
+        """Everything up to and including ``text``: for a prompt, which ends no line."""
+        with anyio.fail_after(seconds):
+            before = await self._stream.receive_until(text.encode(), 1 << 20)
+        return before.decode() + text
 
     async def rest(self, seconds: float = 10.0) -> str:
         """Everything up to the end of the stream."""
@@ -300,6 +314,56 @@ async def test_the_password_prompt(cli):
     assert mismatch.err.splitlines()[-1] == "error: the passwords do not match"
 
 
+async def test_signup_with_a_taken_email_exits_1(cli):
+    seeded = await cli.seed()
+    before = cli.session_file.read_bytes()
+    taken = await cli("signup", seeded.email, "--password-stdin", input=PASSWORD)
+    assert taken.code == cli_module.EXIT_ERROR, taken
+    assert "already exists" in taken.error_line()
+    assert taken.out == ""
+    assert cli.session_file.read_bytes() == before  # the session there was is kept
+
+
+async def interrupted_at(cli: Cli, prompt: str, *args: str) -> tuple[int, str, str]:
+    """Run the command with stdin a pipe that stays open, wait for ``prompt`` on stderr,
+    press Ctrl-C (SIGINT), and return the exit status, stdout and stderr."""
+    process = await cli.start(*args, stdin=subprocess.PIPE)
+    async with process:
+        assert process.stdin is not None and process.stdout and process.stderr
+        stderr = Lines(process.stderr)
+        shown = await stderr.until(prompt)
+        process.send_signal(signal.SIGINT)
+        with anyio.fail_after(10):
+            code = await process.wait()
+        out, err = await Lines(process.stdout).rest(), shown + await stderr.rest()
+    cli.check(out, err)
+    return code, out, err
+
+
+async def test_ctrl_c_at_the_password_prompt(cli):
+    seeded = await cli.seed()
+    before = cli.session_file.read_bytes()
+    code, out, err = await interrupted_at(cli, "Password: ", "login", seeded.email)
+    assert code == cli_module.EXIT_INTERRUPTED, err
+    # (getpass says first that the input may be echoed: stdin is not a terminal.)
+    assert out == "" and err.endswith("Password: \ninterrupted\n"), err
+    assert cli.session_file.read_bytes() == before
+
+
+async def test_ctrl_c_at_the_magic_link_prompt(cli, better_auth_server):
+    await cli.seed()
+    before = cli.session_file.read_bytes()
+    email = new_email()
+    prompt = "paste the link (or its token) from the email: "
+    code, out, err = await interrupted_at(cli, prompt, "login", email, "--magic-link")
+    assert code == cli_module.EXIT_INTERRUPTED, err
+    assert out == "" and err == f"sent a sign-in link to {email}\n{prompt}\ninterrupted\n"
+    assert cli.session_file.read_bytes() == before
+    # The link was sent, and is still unused: nothing signed in with it.
+    message = await better_auth_server.wait_for_message(email, "magic-link")
+    assert message["token"] not in err
+
+
 async def test_magic_link_login_reads_the_link_from_stdin(cli, better_auth_server):
     email = new_email()
     process = await cli.start("login", email, "--magic-link", stdin=subprocess.PIPE)
@@ -371,6 +435,20 @@ async def test_a_convex_error_exits_4_with_its_data(cli):
     assert anonymous.code == cli_module.EXIT_FUNCTION_ERROR, anonymous
     assert anonymous.json() == {"code": "UNAUTHENTICATED"}
     assert public.code == 0 and public.json() is None
+
+
+async def test_args_dash_are_read_from_stdin(cli):
+    await cli.seed()
+    sent = await cli("mutation", "messages:send", "-", input='{"body": "from stdin"}\n')
+    assert sent.code == 0 and isinstance(sent.json(), str), sent
+    listed, not_json = await gather(
+        cli("query", "messages:list", "-", input="{}"),
+        cli("query", "messages:list", "-", input='{"body": '),
+    )
+    assert listed.code == 0, listed
+    assert [m["body"] for m in listed.json()] == ["from stdin"]
+    assert not_json.code == cli_module.EXIT_USAGE, not_json
+    assert "ARGS is not valid JSON" in not_json.error_line()
 
 
 async def test_bad_args_and_options_are_usage_errors(cli):
@@ -540,6 +618,45 @@ async def test_keyring_instead_of_a_file(cli):
     assert whoami.code == 0 and whoami.json()["email"] == email, whoami
 
 
+async def test_logout_from_the_keyring(cli, better_auth_server, tmp_path):
+    plaintext = pytest.importorskip("keyrings.alt.file")
+    keyring: dict[str, str | None] = {
+        "PYTHON_KEYRING_BACKEND": "keyrings.alt.file.PlaintextKeyring"
+    }
+    # The keyring file the command line uses, given its $XDG_DATA_HOME.
+    backend = plaintext.PlaintextKeyring()
+    backend.file_path = str(tmp_path / "data" / "python_keyring" / "keyring_pass.cfg")
+    seeded = await cli.seed(backend=backend)
+    assert backend.get_password(DEFAULT_KEYRING_SERVICE, better_auth_server.url) is not None
+
+    logout = await cli("logout", "--keyring", env=keyring)
+    assert logout.code == 0 and f"signed out {seeded.email}" in logout.err, logout
+    assert backend.get_password(DEFAULT_KEYRING_SERVICE, better_auth_server.url) is None
+    async with BetterAuthClient(better_auth_server.url) as auth:
+        assert await auth.get_session(seeded.session_token) is None  # revoked
+    whoami = await cli("whoami", "--keyring", env=keyring)
+    assert whoami.code == cli_module.EXIT_NOT_SIGNED_IN, whoami
+    assert "not signed in (no session in the system keyring)" in whoami.error_line()
+
+
+async def test_keyring_without_a_usable_backend_is_one_error_line(cli):
+    # keyring's "fail" backend: what keyring picks on a machine with no keyring at all.
+    no_keyring: dict[str, str | None] = {"PYTHON_KEYRING_BACKEND": "keyring.backends.fail.Keyring"}
+    seeded = await cli.seed()
+    before = cli.session_file.read_bytes()
+    whoami, login, logout = await gather(
+        cli("whoami", "--keyring", env=no_keyring),
+        cli("login", seeded.email, "--keyring", "--password-stdin", input=PASSWORD, env=no_keyring),
+        cli("logout", "--keyring", env=no_keyring),
+    )
+    for result in (whoami, login, logout):
+        assert result.code == cli_module.EXIT_ERROR, result
+        assert "no usable keyring backend" in result.error_line()
+        assert result.out == ""
+    assert login.error_line().startswith("error: signed in, but the session could not be saved")
+    assert cli.session_file.read_bytes() == before  # --keyring never falls back to the file
+
+
 # -- servers that are not there ------------------------------------------------------------
 
 
@@ -556,6 +673,70 @@ async def test_unreachable_servers_exit_5_quickly(cli):
     assert query.code == cli_module.EXIT_UNAVAILABLE, query
     assert f"could not connect to the Convex deployment at {dead}" in query.error_line()
     assert time.monotonic() - started < 10
+
+
+@pytest.fixture
+async def proxy(better_auth_server) -> AsyncIterator[FaultyProxy]:
+    """A proxy in front of the real Better Auth server that fails requests on demand."""
+    async with FaultyProxy(better_auth_server.url) as running:
+        yield running
+
+
+async def test_better_auth_failing_or_too_slow_exits_5(cli: Cli, proxy: FaultyProxy) -> None:
+    sign_in = "/api/auth/sign-in/email"
+    seeded = await cli.seed()
+    cli.session_file.unlink()
+
+    async def login(*options: str) -> Result:
+        return await cli(
+            "login",
+            seeded.email,
+            "--password-stdin",
+            "--site-url",
+            proxy.url,
+            *options,
+            input=PASSWORD,
+        )
+
+    proxy.fail_next(sign_in, 503)
+    unavailable = await login()
+    proxy.fail_next(sign_in, 429, headers={"Retry-After": "7"})
+    limited = await login()
+    proxy.hang_next(sign_in)
+    started = time.monotonic()
+    slow = await login("--timeout", "0.5")
+    assert time.monotonic() - started < 5
+    for result in (unavailable, limited, slow):
+        assert result.code == cli_module.EXIT_UNAVAILABLE, result
+        assert result.out == ""
+    assert "503" in unavailable.error_line()
+    assert "429" in limited.error_line()
+    assert slow.error_line() == f"error: Better Auth at {proxy.url} did not answer within 0.5 s"
+    assert not cli.session_file.exists()
+    # Through the same proxy with no fault, the same login works.
+    works = await login()
+    assert works.code == 0 and f"signed in as {seeded.email}" in works.err, works
+    assert proxy.counts[sign_in] == 4
+
+
+async def test_a_convex_call_that_does_not_answer_in_time_exits_5(cli, convex_server):
+    released = anyio.Event()
+
+    async def hang(ctx: Any, args: dict[str, Any]) -> None:
+        await released.wait()
+
+    convex_server.register("action", "tools:hang", hang)
+    await cli.seed()
+    try:
+        slow = await cli("action", "tools:hang", "--timeout", "0.5")
+    finally:
+        released.set()
+    assert slow.code == cli_module.EXIT_UNAVAILABLE, slow
+    assert slow.error_line() == (
+        f"error: Convex at {convex_server.url} did not answer within 0.5 s; "
+        "the action may or may not have run"
+    )
+    assert slow.out == ""
 
 
 # -- documentation ---------------------------------------------------------------------------
