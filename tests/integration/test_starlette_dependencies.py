@@ -315,6 +315,9 @@ async def test_requests_share_one_http_session(
         assert [a.json()["email"] for a in answers] == [email] * 5
         assert created == []
         assert not convex_resources_from(state).http.closed
+        # Per-request mode is one-shot HTTP calls: no sync WebSocket was ever opened.
+        assert convex_resources_from(state).service is None
+        assert convex_server.connections == []
 
 
 # -- the service identity's edge cases ---------------------------------------------------
