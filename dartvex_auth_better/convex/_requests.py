@@ -10,6 +10,7 @@ because actions are not idempotent.
 from __future__ import annotations
 
 import asyncio
+import logging
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -19,7 +20,32 @@ from .._errors import ConnectionLostError, ConvexError, DartvexError, ProtocolEr
 from ._protocol import ActionMsg, ActionResponse, MutationMsg, MutationResponse, decode_ts
 from ._values import decode_json, decode_raw_or_none
 
-__all__ = ["Request", "RequestManager"]
+__all__ = ["Request", "RequestManager", "function_logger", "log_function_lines"]
+
+function_logger = logging.getLogger("dartvex_auth_better.convex.function")
+"""Server-side log lines of functions (``console.log`` in Convex), at INFO, once each."""
+
+
+def log_function_lines(
+    kind: Literal["query", "mutation", "action"],
+    udf_path: str,
+    lines: list[str],
+    *,
+    request_id: int | None = None,
+    query_id: int | None = None,
+) -> None:
+    """Emit a function's log lines, one record per line, tagged with what produced them
+    (``extra``: ``convex_kind``, ``convex_function`` and ``convex_request_id`` or
+    ``convex_query_id``)."""
+    if not lines or not function_logger.isEnabledFor(logging.INFO):
+        return
+    extra: dict[str, object] = {"convex_kind": kind, "convex_function": udf_path}
+    if request_id is not None:
+        extra["convex_request_id"] = request_id
+    if query_id is not None:
+        extra["convex_query_id"] = query_id
+    for line in lines:
+        function_logger.info("%s %s: %s", kind, udf_path, line, extra=extra)
 
 
 @dataclass(slots=True, eq=False)
@@ -92,6 +118,13 @@ class RequestManager:
         request = self._inflight.get(msg.request_id)
         if request is None or request.status == "completed":
             return set()  # a duplicate answer to a re-sent mutation, or a cancelled caller
+        # The first answer only: a duplicate (above) is not logged again.
+        log_function_lines(
+            "mutation" if request.is_mutation else "action",
+            request.message.udf_path,
+            msg.log_lines,
+            request_id=msg.request_id,
+        )
         if not msg.success:
             # Build the error before dropping the request: a malformed errorData must fail
             # this call (with the ProtocolError), never leave its future unset.

@@ -25,7 +25,9 @@ from ._protocol import (
     FatalError,
     MutationResponse,
     Ping,
+    QueryFailed,
     QueryRemoved,
+    QueryUpdated,
     RemoveQuery,
     ServerMessage,
     StateVersion,
@@ -35,8 +37,8 @@ from ._protocol import (
     encode_client_message,
     encode_ts,
 )
-from ._query_set import LocalQuery, QuerySet
-from ._requests import Request, RequestManager
+from ._query_set import LocalQuery, QueryResult, QuerySet
+from ._requests import Request, RequestManager, log_function_lines
 
 __all__ = ["INITIAL_VERSION", "Outgoing", "SyncCore"]
 
@@ -239,7 +241,21 @@ class SyncCore:
             if isinstance(modification, QueryRemoved):
                 query = self.query_set.removed_by_server(modification.query_id)
             else:
+                previous: QueryResult | None = None
+                if modification.log_lines:
+                    before = self.query_set.get(modification.query_id)
+                    previous = before.server if before is not None else None
                 query = self.query_set.apply(modification)
+                if (
+                    query is not None
+                    and modification.log_lines
+                    and not _same_result(previous, modification)
+                ):
+                    # Once per result: the same result again (a reconnect re-sends it)
+                    # does not log again; a removed query's late result is not logged.
+                    log_function_lines(
+                        "query", query.udf_path, modification.log_lines, query_id=query.query_id
+                    )
             if query is not None:
                 changed.append(query)
         self.remote_version = msg.end_version
@@ -307,3 +323,13 @@ class SyncCore:
         for query in self.query_set:
             for waker in query.subscribers:
                 waker.set()
+
+
+def _same_result(previous: QueryResult | None, modification: QueryUpdated | QueryFailed) -> bool:
+    """Whether a server result repeats the one the query already has (value or error, and
+    log lines)."""
+    if previous is None or previous.log_lines != modification.log_lines:
+        return False
+    if isinstance(modification, QueryUpdated):
+        return previous.raw is not None and bytes(previous.raw) == bytes(modification.value)
+    return previous.error is not None and previous.error.message == modification.error_message

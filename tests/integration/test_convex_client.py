@@ -455,6 +455,40 @@ async def test_query_always_asks_the_server():
         await record.wait_for_frame("ModifyQuerySet", predicate=lambda f: len(removes(record)) == 2)
 
 
+async def test_function_log_lines_reach_the_function_logger_once(
+    caplog: pytest.LogCaptureFixture,
+):
+    caplog.set_level("INFO", logger="dartvex_auth_better.convex.function")
+    async with running() as (app, client):
+
+        @app.convex.query("logged:count")
+        def count(ctx: QueryCtx, args: dict[str, Any]) -> int:
+            n = len(ctx.db.query("messages"))
+            ctx.log("counted", n)
+            return n
+
+        @app.convex.mutation("logged:send")
+        def send(ctx: MutationCtx, args: dict[str, Any]) -> None:
+            ctx.log("sending")
+            ctx.db.insert("messages", {"body": "x"})
+
+        subscription = client.subscribe("logged:count")
+        assert await subscription.next() == 0
+        await client.mutation("logged:send")
+        assert subscription.current() == 1
+        await bounce(app, client)  # the server re-sends the unchanged result
+        await wait_status(client, lambda s: s.synced)
+
+    lines = [
+        r.getMessage() for r in caplog.records if r.name == "dartvex_auth_better.convex.function"
+    ]
+    assert lines == [
+        "query logged:count: [LOG] counted 0",
+        "mutation logged:send: [LOG] sending",
+        "query logged:count: [LOG] counted 1",
+    ]
+
+
 async def test_a_failing_query_raises_convex_error_and_keeps_listening():
     async with running() as (app, client):
 

@@ -1024,3 +1024,140 @@ async def test_a_new_subscription_sees_an_optimistic_value_at_once():
     with anyio.fail_after(1):
         assert await subscription.next() == ["guess"]
     assert subscription.has_pending_writes
+
+
+# -- function log lines -------------------------------------------------------------------------
+
+FUNCTION_LOGGER = "dartvex_auth_better.convex.function"
+
+
+def function_logs(caplog: pytest.LogCaptureFixture) -> list[tuple[str, str, Any]]:
+    """(message, kind, id) of every function log record so far."""
+    return [
+        (
+            r.getMessage(),
+            r.convex_kind,  # type: ignore[attr-defined]
+            getattr(r, "convex_request_id", getattr(r, "convex_query_id", None)),
+        )
+        for r in caplog.records
+        if r.name == FUNCTION_LOGGER
+    ]
+
+
+def logged_update(query_id: int, value: Any, lines: list[str]) -> dict[str, Any]:
+    return {**updated(query_id, value), "logLines": lines}
+
+
+async def test_query_log_lines_are_logged_once_per_result(caplog: pytest.LogCaptureFixture):
+    caplog.set_level("INFO", logger=FUNCTION_LOGGER)
+    core = SyncCore(SESSION)
+    server = Server()
+    socket = Socket(core)
+    query = subscribe(core, "q:a")
+    socket.flush()
+    core.handle(server.transition(logged_update(query.query_id, 1, ["[LOG] a", "[LOG] b"])))
+    assert function_logs(caplog) == [
+        ("query q:a: [LOG] a", "query", 0),
+        ("query q:a: [LOG] b", "query", 0),
+    ]
+    records = [r for r in caplog.records if r.name == FUNCTION_LOGGER]
+    assert all(r.levelname == "INFO" and r.convex_function == "q:a" for r in records)  # type: ignore[attr-defined]
+
+    # The same result again (as a reconnect re-sends it) is not logged again...
+    socket.close()
+    server.new_socket()
+    socket = Socket(core)
+    socket.flush()
+    core.handle(server.transition(logged_update(query.query_id, 1, ["[LOG] a", "[LOG] b"])))
+    assert len(function_logs(caplog)) == 2
+    # ...a new result is, even with the same lines.
+    core.handle(server.transition(logged_update(query.query_id, 2, ["[LOG] a", "[LOG] b"])))
+    assert len(function_logs(caplog)) == 4
+    core.handle(server.transition({**failed(query.query_id, "boom"), "logLines": ["[ERR] x"]}))
+    assert function_logs(caplog)[-1] == ("query q:a: [ERR] x", "query", 0)
+
+
+async def test_log_lines_of_a_query_no_longer_subscribed_are_not_logged(
+    caplog: pytest.LogCaptureFixture,
+):
+    caplog.set_level("INFO", logger=FUNCTION_LOGGER)
+    core = SyncCore(SESSION)
+    server = Server()
+    socket = Socket(core)
+    query = subscribe(core, "q:a")
+    socket.flush()
+    core.unsubscribe(query, next(iter(query.subscribers)))
+    core.handle(server.transition(logged_update(query.query_id, 1, ["[LOG] late"])))
+    assert function_logs(caplog) == []
+
+
+async def test_mutation_and_action_log_lines_are_logged_once(caplog: pytest.LogCaptureFixture):
+    caplog.set_level("INFO", logger=FUNCTION_LOGGER)
+    core = SyncCore(SESSION)
+    server = Server()
+    socket = Socket(core)
+    socket.flush()
+    mutation = mutate(core, "m:f")
+    failing = mutate(core, "m:bad")
+    action = act(core, "a:f")
+    socket.flush()
+    answer = {
+        "type": "MutationResponse",
+        "requestId": 0,
+        "success": True,
+        "result": 1,
+        "ts": encode_ts(30),
+        "logLines": ["[LOG] wrote"],
+    }
+    core.handle(msg(answer))
+    core.handle(msg(answer))  # a duplicate answer for the parked mutation: not logged again
+    core.handle(
+        msg(
+            {
+                "type": "MutationResponse",
+                "requestId": 1,
+                "success": False,
+                "result": "nope",
+                "logLines": ["[ERROR] failed"],
+            }
+        )
+    )
+    core.handle(
+        msg(
+            {
+                "type": "ActionResponse",
+                "requestId": 2,
+                "success": True,
+                "result": None,
+                "logLines": ["[LOG] acted"],
+            }
+        )
+    )
+    # Replayed on a new socket, answered again: still logged once.
+    socket.close()
+    server.new_socket()
+    socket = Socket(core)
+    socket.flush()
+    core.handle(msg(answer))
+    core.handle(server.transition(query_set=1, ts=30))
+    assert outcome(mutation) == 1 and outcome(action) is None
+    assert isinstance(outcome(failing), ConvexError)
+    assert function_logs(caplog) == [
+        ("mutation m:f: [LOG] wrote", "mutation", 0),
+        ("mutation m:bad: [ERROR] failed", "mutation", 1),
+        ("action a:f: [LOG] acted", "action", 2),
+    ]
+
+
+async def test_no_function_log_records_without_log_lines(caplog: pytest.LogCaptureFixture):
+    caplog.set_level("INFO", logger=FUNCTION_LOGGER)
+    core = SyncCore(SESSION)
+    server = Server()
+    socket = Socket(core)
+    query = subscribe(core, "q:a")
+    request = mutate(core, "m:f")
+    socket.flush()
+    core.handle(mutation_ok(request.message.request_id, None, 5))
+    core.handle(server.transition(updated(query.query_id, 1), query_set=1, ts=5))
+    assert outcome(request) is None
+    assert function_logs(caplog) == []
