@@ -1,6 +1,7 @@
 """The Starlette integration's parts, in a plain Starlette app (no FastAPI): where the
 caller's token is found, how upstream failures map to HTTP statuses, the error handler,
-configuration mistakes, and the service identity's lifecycle edge cases.
+configuration mistakes, and the service identity's lifecycle: its edge cases, and its
+token refreshed in the background while the app serves (3-second JWTs).
 
 Upstream failures come from the scripted FakeBetterAuth; the rest runs on the real stack.
 """
@@ -9,8 +10,11 @@ from __future__ import annotations
 
 import asyncio
 import importlib
+import itertools
 import socket
 import sys
+import time
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -25,6 +29,7 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from dartvex_auth_better import (
+    AuthEvent,
     BetterAuthClient,
     ClientClosedError,
     ConvexError,
@@ -42,7 +47,7 @@ from dartvex_auth_better.integrations.starlette import (
     service_client,
     user_client,
 )
-from dartvex_auth_better.testing import LocalBetterAuth, LocalConvex
+from dartvex_auth_better.testing import LocalBetterAuth, LocalConvex, register_demo_app
 from tests.better_auth_fakes import FakeBetterAuth, Reply, fake_better_auth, no_secrets_in_logs
 from tests.integration.test_starlette_example import (
     PASSWORD,
@@ -399,3 +404,57 @@ async def test_a_store_without_a_session_and_no_credentials_fails_startup(
     with pytest.raises(DartvexError, match="no email and password"):
         async with serve(app_with(lifespan)):
             pytest.fail("the app started without a service identity")
+
+
+# The shortest JWT lifetime the SDK schedules a refresh for is anything over
+# MIN_TOKEN_LIFETIME (2 s). With the leeway capped at half the lifetime, a 3-second token
+# is replaced about 1.3 to 1.5 s after it was issued: always in a later second than its
+# predecessor, so always a different JWT.
+SHORT_JWT_TTL = 3
+
+
+async def test_the_service_token_is_refreshed_in_the_background_while_serving() -> None:
+    async with (
+        LocalBetterAuth(jwt_ttl_seconds=SHORT_JWT_TTL) as better_auth,
+        LocalConvex(jwks_url=better_auth.jwks_url, issuer=better_auth.issuer) as convex,
+    ):
+        register_demo_app(convex)
+        email, _ = await sign_up(better_auth, "Refreshed")
+        lifespan = ConvexLifespan(
+            convex.url, site_url=better_auth.url, email=email, password=PASSWORD
+        )
+        statuses: Counter[int] = Counter()
+        refreshes = 0
+        async with serve(app_with(lifespan)) as (client, state):
+            service = convex_resources_from(state).service
+            events = service.auth_events()
+            started = time.monotonic()
+
+            async def keep_requesting() -> None:
+                while True:  # paced by the requests themselves
+                    response = await client.get("/service")
+                    statuses[response.status_code] += 1
+                    assert response.status_code != 200 or response.json()["email"] == email
+
+            # Serve across two token lifetimes (and at least two refreshes), then stop.
+            with anyio.fail_after(2 * SHORT_JWT_TTL + 5):
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(keep_requesting)
+                    async for event in events:
+                        assert event is AuthEvent.TOKEN_REFRESHED
+                        refreshes += 1
+                        if refreshes >= 2 and time.monotonic() - started >= 2 * SHORT_JWT_TTL:
+                            break
+                    tg.cancel_scope.cancel()
+            events.close()
+
+        assert statuses[200] > refreshes and set(statuses) == {200}, statuses  # never a 503
+        # The sign-in's token, then one new token per refresh, each accepted, each sent
+        # before its predecessor expired, all on the one socket.
+        tokens = convex.received_tokens
+        assert len(tokens) == refreshes + 1 >= 3
+        assert len({t.token for t in tokens}) == len(tokens)
+        assert all(t.accepted and not t.was_expired for t in tokens)
+        for previous, current in itertools.pairwise(tokens):
+            assert previous.exp is not None and current.received_at < previous.exp
+        assert len(convex.connections) == 1
