@@ -1161,3 +1161,67 @@ async def test_no_function_log_records_without_log_lines(caplog: pytest.LogCaptu
     core.handle(server.transition(updated(query.query_id, 1), query_set=1, ts=5))
     assert outcome(request) is None
     assert function_logs(caplog) == []
+
+
+# -- pause and resume (a token fetch holding everything back) -------------------------------------
+
+
+async def test_resume_sends_authenticate_first_then_what_was_held_in_order():
+    core = SyncCore(SESSION)
+    socket = Socket(core)
+    socket.flush()
+    core.pause()
+    query = subscribe(core, "q:a")
+    request = mutate(core, "m:f")
+    core.send_authenticate()  # while paused: not built now (resume builds it)
+    assert socket.flush() == []  # nothing goes out under the old identity
+    set_token(core, "header.payload.sig")
+    core.resume()
+    frames = socket.flush()
+    assert types(frames) == ["Authenticate", "ModifyQuerySet", "Mutation"]
+    assert frames[0]["baseVersion"] == 0 and frames[0]["value"] == "header.payload.sig"
+    assert frames[1]["modifications"][0]["queryId"] == query.query_id
+    assert frames[2]["requestId"] == request.message.request_id
+    assert request.status == "sent"
+
+
+async def test_resume_without_a_pause_sends_nothing():
+    core = SyncCore(SESSION)
+    socket = Socket(core)
+    socket.flush()
+    core.resume()
+    assert socket.flush() == []
+
+
+async def test_calls_made_after_resume_follow_the_held_ones():
+    core = SyncCore(SESSION)
+    socket = Socket(core)
+    socket.flush()
+    core.pause()
+    first = mutate(core, "m:first")
+    set_token(core, "header.payload.sig")
+    core.resume()
+    second = mutate(core, "m:second")
+    frames = socket.flush()
+    assert types(frames) == ["Authenticate", "Mutation", "Mutation"]
+    assert [f["requestId"] for f in frames[1:]] == [
+        first.message.request_id,
+        second.message.request_id,
+    ]
+
+
+async def test_held_frames_of_a_socket_that_closed_are_rebuilt_by_the_next_restart():
+    core = SyncCore(SESSION)
+    socket = Socket(core)
+    socket.flush()
+    core.pause()
+    subscribe(core, "q:a")
+    request = mutate(core, "m:f")
+    socket.close()
+    set_token(core, "header.payload.sig")
+    core.resume()  # no socket: nothing to send now, nothing stays held
+    assert socket.flush() == []
+    frames = Socket(core).flush()
+    assert types(frames) == ["Connect", "Authenticate", "ModifyQuerySet", "Mutation"]
+    assert frames[1]["baseVersion"] == 0
+    assert frames[3]["requestId"] == request.message.request_id
