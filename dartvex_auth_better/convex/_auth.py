@@ -34,7 +34,7 @@ from collections.abc import Callable
 import anyio
 
 from .._errors import AuthRejectedError, ClientClosedError, DartvexError, SessionExpiredError
-from .._jwt import MAX_REFRESH_DELAY, MIN_TOKEN_LIFETIME, token_lifetime
+from .._jwt import refresh_delay, token_deadline, token_times
 from .._logging import auth_logger as log
 from .._logging import redact
 from .._watch import Watched
@@ -452,43 +452,42 @@ class AuthManager:
         return False
 
     def _use_token(self, token: str | None) -> None:
-        """Put a token in force and schedule its replacement.
-
-        Its expiry on this machine's clock is ``exp``, but never later than now plus its
-        own lifetime (``exp - iat``). A token that looks expired on arrival means this
-        clock runs ahead of the issuer's: then the lifetime alone counts, so a skewed
-        clock cannot cause a refresh storm.
-        """
+        """Put a token in force and schedule its replacement (see ``_jwt.refresh_delay``:
+        its expiry on this machine's clock is ``exp``, but never later than now plus its
+        own lifetime; a token that looks expired on arrival means this clock runs ahead of
+        the issuer's, and then the lifetime alone counts)."""
         self.token = token
         self._deadline = None
         self._refresh_at = None
         if token is None:
             return
         now = self._clock()
-        exp, lifetime = token_lifetime(token)
+        iat, exp = token_times(token)
         if exp is None:
             return  # no expiry to honour; the server decides
-        if lifetime is not None and exp <= now + 1:
+        if iat is not None and exp <= now + 1:
             log.warning(
                 "a fresh token already looks expired by this machine's clock; the clock is "
                 "probably ahead of the issuer's. Using the token's lifetime instead."
             )
-            self._deadline = now + lifetime
-        elif lifetime is not None:
-            self._deadline = min(exp, now + lifetime)
-        else:
-            self._deadline = exp
+        self._deadline = token_deadline(iat, exp, now=now, fresh=True)
         if self._fetcher is None:
             return
-        if lifetime is None or lifetime <= MIN_TOKEN_LIFETIME:
-            log.warning("the token has no usable iat/exp or lives too briefly; not refreshing")
-            return
-        # A leeway as long as the token's life would refresh non-stop; use at most half.
-        leeway = min(self.leeway, lifetime / 2)
-        delay = min(max(self._deadline - leeway - now, 0.0), MAX_REFRESH_DELAY)
+        # A leeway as long as the token's life would refresh non-stop: use at most half.
         # Up to 15% early, never late: a fleet of clients that signed in together does not
         # hit the token endpoint in one wave.
-        delay *= self._rng.uniform(1.0 - _REFRESH_JITTER, 1.0)
+        delay = refresh_delay(
+            iat,
+            exp,
+            leeway=self.leeway,
+            now=now,
+            fresh=True,
+            max_leeway_share=0.5,
+            jitter=self._rng.uniform(0.0, _REFRESH_JITTER),
+        )
+        if delay is None:
+            log.warning("the token has no usable iat/exp or lives too briefly; not refreshing")
+            return
         self._refresh_at = now + delay
         self._wake.set()
         log.debug("next token refresh in %.1f s", delay)
