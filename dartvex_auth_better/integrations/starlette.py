@@ -18,6 +18,7 @@ never competes with the caller's own client over the session. Handlers get a
 ::
 
     from typing import Annotated
+    import anyio
     from fastapi import Depends, FastAPI
     from dartvex_auth_better import AuthenticatedConvexClient, BetterAuthSession
     from dartvex_auth_better import ConvexHttpClient, DartvexError
@@ -30,6 +31,11 @@ never competes with the caller's own client over the session. Handlers get a
 
     app = FastAPI(lifespan=ConvexLifespan(CONVEX_URL, email=EMAIL, password=PASSWORD))
     app.add_exception_handler(DartvexError, convex_error_handler)
+
+    @app.get("/service/whoami")
+    async def service_whoami(convex: Service) -> dict[str, object]:
+        with anyio.fail_after(10):  # the live client waits through reconnects
+            return await convex.query("users:whoami")
 
     @app.get("/me/messages")
     async def my_messages(convex: Caller) -> list[dict[str, object]]:
@@ -181,10 +187,16 @@ class ConvexLifespan:
     Pass it as the app's lifespan, ``FastAPI(lifespan=ConvexLifespan(url, ...))``, or
     enter it from your own lifespan and merge its state into yours::
 
+        from contextlib import asynccontextmanager
+
+        convex = ConvexLifespan(CONVEX_URL)
+
         @asynccontextmanager
         async def lifespan(app):
             async with convex(app) as state:
-                yield {**state, "db": db}
+                yield {**state, "db": db}  # your own state beside the SDK's
+
+        app = FastAPI(lifespan=lifespan)
 
     ``url`` is the Convex deployment URL; Better Auth is reached on its ``.convex.site``
     host unless ``site_url`` says otherwise (self-hosted and local setups).
