@@ -7,6 +7,7 @@ import asyncio
 from collections.abc import Iterator
 from typing import Any
 
+import aiohttp
 import msgspec
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -237,3 +238,83 @@ async def _check(frames: list[bytes]) -> None:
                 or isinstance(exc, ProtocolError | ServerFatalError)
                 or (type(exc).__name__ in {"ConvexError", "ConnectionLostError"})
             ), repr(exc)
+
+
+# -- the same frames through the socket loop's TransitionChunk path -------------------------------
+
+
+@st.composite
+def chunked_runs(draw: st.DrawFn) -> list[bytes]:
+    """A frame (valid or corrupted) sent as TransitionChunk parts, sometimes with the run
+    broken: parts swapped, a wrong id or total, or another frame in the middle."""
+    inner = draw(st.one_of(st.sampled_from(VALID_BYTES), corrupted_frames()))
+    text = inner.decode("utf-8", "replace")
+    cuts = sorted(draw(st.sets(st.integers(1, max(1, len(text) - 1)), max_size=4)))
+    pieces = [text[a:b] for a, b in zip([0, *cuts], [*cuts, len(text)], strict=True)]
+    parts: list[dict[str, Any]] = [
+        {
+            "type": "TransitionChunk",
+            "chunk": piece,
+            "partNumber": n,
+            "totalParts": len(pieces),
+            "transitionId": "t",
+        }
+        for n, piece in enumerate(pieces)
+    ]
+    raw = [msgspec.json.encode(p) for p in parts]
+    breakage = draw(st.sampled_from(["none", "none", "swap", "id", "total", "interleave"]))
+    if breakage == "swap" and len(raw) > 1:
+        i = draw(st.integers(0, len(raw) - 2))
+        raw[i], raw[i + 1] = raw[i + 1], raw[i]
+    elif breakage in ("id", "total") and len(parts) > 1:
+        i = draw(st.integers(1, len(parts) - 1))
+        parts[i] = {**parts[i], "transitionId": "u"} if breakage == "id" else parts[i]
+        if breakage == "total":
+            parts[i] = {**parts[i], "totalParts": len(parts) + 1}
+        raw[i] = msgspec.json.encode(parts[i])
+    elif breakage == "interleave" and len(raw) > 1:
+        raw.insert(draw(st.integers(1, len(raw) - 1)), draw(st.sampled_from(VALID_BYTES)))
+    return raw
+
+
+@settings(
+    max_examples=300,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+)
+@given(runs=st.lists(chunked_runs(), min_size=1, max_size=3))
+def test_chunked_frames_are_handled_or_end_the_socket_typed(
+    loop: asyncio.AbstractEventLoop, runs: list[list[bytes]]
+) -> None:
+    loop.run_until_complete(_check_chunked(runs))
+
+
+async def _check_chunked(runs: list[list[bytes]]) -> None:
+    from dartvex_auth_better.convex._client import ConvexClient, _ChunkBuffer, _SocketEnded
+
+    client = ConvexClient("http://127.0.0.1:9", allow_insecure=True)  # no I/O: never entered
+    core = client._core
+    core.send = [].append
+    core.restart()
+    core.subscribe("q:a", encode_args({}), asyncio.Event())
+    mutation = core.request("mutation", "m:f", encode_args({}))
+    action = core.request("action", "a:f", encode_args({}))
+    for run in runs:
+        for frame in run:
+            message = aiohttp.WSMessage(
+                aiohttp.WSMsgType.TEXT, frame.decode("utf-8", "replace"), None
+            )
+            # The socket loop's own dispatch: anything but "go on" or a typed ending is a bug.
+            ended = client._handle_ws_message(None, message)  # type: ignore[arg-type]
+            assert ended is None or isinstance(ended, _SocketEnded)
+            outstanding = core.requests.outstanding_ids()
+            for request in (mutation, action):
+                assert request.future.done() or request.message.request_id in outstanding
+            if ended is not None:
+                assert ended.protocol_error or ended.fatal is not None, ended.reason
+                if ended.fatal is not None:
+                    return  # FatalError: the loop stops here
+                # The loop opens a new socket: a fresh buffer and the restart frames.
+                client._chunks = _ChunkBuffer()
+                core.restart()
+                break
