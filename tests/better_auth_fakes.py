@@ -4,9 +4,14 @@
   with exactly the shape a test scripts (the ones the real server will not produce on
   demand: 5xx, HTML, 429, hangs, cookie-only answers...) and records what it received.
 - A registry of every secret the suite uses (passwords, session tokens, JWTs, reset and
-  magic-link tokens), and the module-scoped ``no_secrets_in_logs`` fixture that captures
-  every log record at DEBUG and checks that none of those secrets shows up in one.
-  Test modules import the fixture (``from tests.better_auth_fakes import
+  magic-link tokens). Tests add to it with :func:`secret` and :func:`secret_session`; the
+  fake server adds what it receives and sends (bearer tokens, passwords, tokens in
+  bodies, session and JWT cookies); tests/conftest.py adds the module constants named
+  like secrets and the sessions among a test's fixture values, and checks every
+  ``dartvex_auth_better`` log record of the session against it.
+- The module-scoped ``no_secrets_in_logs`` fixture, which also captures the root
+  logger (aiohttp's records, the local server's output lines) at DEBUG for a module and
+  checks those. Test modules import the fixture (``from tests.better_auth_fakes import
   no_secrets_in_logs``) to run it for their whole module.
 """
 
@@ -16,11 +21,14 @@ import asyncio
 import base64
 import json
 import logging
+import re
 import socket
 import traceback
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from types import ModuleType
 from typing import Any
+from urllib.parse import unquote
 
 import pytest
 from aiohttp import web
@@ -36,22 +44,46 @@ __all__ = [
     "assert_no_secrets",
     "fake_better_auth",
     "make_jwt",
+    "maybe_secret",
     "no_secrets_in_logs",
     "secret",
     "secret_session",
+    "secrets_in_module",
 ]
 
 # ------------------------------------------------------------------------------ secrets
 
 SECRETS: list[str] = []
-"""Every password and token any Better Auth test used; none may appear in logs or errors."""
+"""Every password and token any Better Auth test used; none may appear in logs or errors.
+
+Only ever appended to, so a checker can remember how far it has looked.
+"""
+_KNOWN: set[str] = set()
+
+MIN_FOUND_SECRET = 8
+"""Values found rather than registered by hand count from this length (as the client's
+scrubbing does): a short value such as ``"short"`` would match ordinary words."""
 
 
 def secret(value: str) -> str:
     """Register *value* as a secret and return it."""
-    if value not in SECRETS:
+    if value not in _KNOWN:
+        _KNOWN.add(value)
         SECRETS.append(value)
     return value
+
+
+def maybe_secret(value: object) -> None:
+    """Register *value* if it is text of at least :data:`MIN_FOUND_SECRET` characters.
+
+    For values found in traffic or in a module, which nobody chose to register.
+    """
+    if isinstance(value, str) and len(value.strip()) >= MIN_FOUND_SECRET:
+        secret(value)
+        if value.count(".") == 1 and not any(c.isspace() for c in value):
+            # A signed session token `<token>.<signature>`: the bare token counts too.
+            # (Not a JWT's first part: that header is the same for every token.)
+            maybe_secret(value.split(".", 1)[0])
 
 
 def secret_session(session: BetterAuthSession) -> BetterAuthSession:
@@ -61,6 +93,64 @@ def secret_session(session: BetterAuthSession) -> BetterAuthSession:
     # The bare token inside the signed `<token>.<signature>` form counts too.
     secret(session.session_token.split(".", 1)[0])
     return session
+
+
+_SECRET_NAME = re.compile(r"(?:^|_)(?:PASSWORD|TOKEN|JWT|SECRET)$")
+
+
+def secrets_in_module(module: ModuleType) -> None:
+    """Register a module's text constants named like secrets (``PASSWORD``, ``*_TOKEN``...).
+
+    Paths and URLs (``TOKEN = "/api/auth/convex/token"``) are names of things, not
+    secrets, and are left out.
+    """
+    for name, value in vars(module).items():
+        if (
+            _SECRET_NAME.search(name)
+            and isinstance(value, str)
+            and not value.startswith("/")
+            and "://" not in value
+        ):
+            maybe_secret(value)
+
+
+_SECRET_FIELDS = ("password", "newPassword", "currentPassword", "token")
+
+
+def _secrets_in_json(data: Any) -> None:
+    if isinstance(data, dict):
+        for key in _SECRET_FIELDS:
+            maybe_secret(data.get(key))
+        for value in data.values():
+            if isinstance(value, dict):  # {"session": {"token": ...}}
+                _secrets_in_json(value)
+
+
+def _json_or_none(body: bytes) -> Any:
+    try:
+        return json.loads(body)
+    except ValueError:  # not JSON, or not UTF-8
+        return None
+
+
+def _secrets_in_request(request: web.Request, body: bytes) -> None:
+    auth = request.headers.get("Authorization", "")
+    if auth.startswith("Bearer "):
+        maybe_secret(auth[len("Bearer ") :])
+    maybe_secret(request.query.get("token"))
+    _secrets_in_json(_json_or_none(body))
+
+
+def _secrets_in_response(response: web.StreamResponse) -> None:
+    maybe_secret(response.headers.get("set-auth-token"))
+    for header in response.headers.getall("Set-Cookie", ()):
+        # By hand, not http.cookies: that refuses some of the odd cookies tests send.
+        name, _, rest = header.partition("=")
+        if "session_token" in name or "convex_jwt" in name:
+            maybe_secret(unquote(rest.split(";", 1)[0].strip().strip('"')))
+    body = response.body if isinstance(response, web.Response) else None
+    if isinstance(body, bytes):
+        _secrets_in_json(_json_or_none(body))
 
 
 def _exception_chain(exc: BaseException) -> Iterator[BaseException]:
@@ -229,13 +319,16 @@ class FakeBetterAuth:
         return [r for r in self.received if path is None or r.path == path]
 
     async def _dispatch(self, request: web.Request) -> web.StreamResponse:
+        body = await request.read()
+        # Whatever a request carries or an answer hands out is a secret from now on.
+        _secrets_in_request(request, body)
         self.received.append(
             Received(
                 request.method,
                 request.path,
                 request.query,
                 request.headers,
-                await request.read(),
+                body,
                 request.transport.get_extra_info("peername") if request.transport else None,
             )
         )
@@ -243,9 +336,13 @@ class FakeBetterAuth:
         if not answers:
             return web.Response(status=404)
         answer = answers.pop(0) if len(answers) > 1 else answers[0]
+        response: web.StreamResponse
         if isinstance(answer, Reply):
-            return answer.to_response()
-        return await answer(request)
+            response = answer.to_response()
+        else:
+            response = await answer(request)
+        _secrets_in_response(response)
+        return response
 
     async def start(self) -> None:
         app = web.Application()

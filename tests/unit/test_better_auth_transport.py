@@ -12,6 +12,7 @@ import socket
 import time
 from collections.abc import Callable
 from typing import Any
+from urllib.parse import quote
 
 import aiohttp
 import anyio
@@ -35,6 +36,7 @@ from dartvex_auth_better import (
 )
 from dartvex_auth_better.better_auth._client import _scrub
 from tests.better_auth_fakes import (
+    SECRETS,
     FakeBetterAuth,
     Reply,
     assert_no_secrets,
@@ -380,6 +382,46 @@ async def test_connecting_is_bounded_by_connect_timeout(fake_better_auth):
     assert f"for {GET_SESSION} within connect_timeout (0.2 s)" in str(err)
     assert err.__context__ is None and err.__cause__ is None
     assert_no_secrets(err)
+
+
+async def test_the_fake_server_registers_what_it_receives_and_hands_out(fake_better_auth):
+    # tests/conftest.py checks every log record against these, so that the whole suite
+    # is covered even where a test never called secret().
+    unregistered_password = "a password only the fake server saw 7?"
+    handed_out = "tokenOnlyTheFakeHandedOut0000001"
+    fake_better_auth.on(
+        "POST",
+        SIGN_IN,
+        Reply(json={"token": handed_out, "user": USER}, headers=[("set-auth-token", handed_out)]),
+    )
+    fake_better_auth.on("GET", CONVEX_TOKEN, Reply(json={"token": JWT}))
+    async with client(fake_better_auth) as auth:
+        await auth.sign_in("t@example.com", unregistered_password)
+    assert unregistered_password in SECRETS and handed_out in SECRETS
+
+
+def test_the_suite_log_check_finds_secrets_and_token_shapes():
+    from tests.conftest import _Chunk, _leaks
+
+    unregistered_jwt = make_jwt({"sub": "nobody-registered-this", "iat": 7})
+    signed = "A1b2C3d4E5f6G7h8I9j0K1l2M3n4O5p6." + "x/Y+" * 10 + "abc="
+    texts = [
+        "dartvex_auth_better.better_auth DEBUG GET /api/auth/get-session -> HTTP 200 in 3 ms",
+        f"dartvex_auth_better.auth DEBUG signed in (session <…{TOKEN[-4:]}>)",
+        f"dartvex_auth_better.x DEBUG password {PASSWORD}",
+        f"dartvex_auth_better.x DEBUG token {unregistered_jwt}",
+        f"dartvex_auth_better.x DEBUG cookie {quote(signed, safe='')}",
+    ]
+    found = _leaks(_Chunk("a test", texts), shapes=True)
+    assert len(found) == 3, found
+    assert [("registered" in f, "token-shaped" in f) for f in found] == [
+        (True, False),
+        (False, True),
+        (False, True),
+    ]
+    for text in found:  # the failure itself must not show the secret
+        assert PASSWORD not in text and unregistered_jwt not in text and signed not in text
+    assert _leaks(_Chunk("a clean test", texts[:2]), shapes=True) == []
 
 
 def test_transport_texts_are_scrubbed_of_the_request_secrets():
