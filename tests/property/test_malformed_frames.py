@@ -294,7 +294,8 @@ async def _check_chunked(runs: list[list[bytes]]) -> None:
 
     client = ConvexClient("http://127.0.0.1:9", allow_insecure=True)  # no I/O: never entered
     core = client._core
-    core.send = [].append
+    sent: list[Any] = []
+    core.send = sent.append
     core.restart()
     core.subscribe("q:a", encode_args({}), asyncio.Event())
     mutation = core.request("mutation", "m:f", encode_args({}))
