@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import argparse
+import importlib
 import json
+import shlex
 import stat
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -12,12 +16,15 @@ import pytest
 
 from dartvex_auth_better import BetterAuthClient
 from dartvex_auth_better.testing import LocalBetterAuth, LocalConvex
+from docs.examples import fastapi_app
 from docs.snippets import bot, first_script
 from docs.snippets.chat_app import register_chat
 
-from ._helpers import PASSWORD, WAIT, new_email, signed_up, wait_for_value
+from ._helpers import PASSWORD, WAIT, new_email, serve, signed_up, wait_for_value
 
 pytestmark = [pytest.mark.anyio, pytest.mark.integration]
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 async def test_first_script(
@@ -153,3 +160,79 @@ async def test_bot_main_runs_until_cancelled(
                 await wait_for_value(user, "chat:list", lambda ms: len(pongs(ms)) == 1)
                 tg.cancel_scope.cancel()  # Ctrl-C, in effect
     assert (tmp_path / "bot-session.json").is_file()
+
+
+# -- the FastAPI example under uvicorn ----------------------------------------------------
+
+
+def uvicorn_command() -> tuple[dict[str, str], list[str]]:
+    """The command of docs/snippets/run_fastapi_example.sh: its environment assignments,
+    and the arguments it gives uvicorn."""
+    text = (ROOT / "docs" / "snippets" / "run_fastapi_example.sh").read_text()
+    words = shlex.split(text.replace("\\\n", " "), comments=True)
+    env = {}
+    while "=" in words[0]:
+        name, _, value = words.pop(0).partition("=")
+        env[name] = value
+    assert words[0] == "uvicorn", words
+    return env, words[1:]
+
+
+def test_the_uvicorn_command_is_the_examples_own() -> None:
+    # The example's docstring shows the same command, line for line.
+    text = (ROOT / "docs" / "snippets" / "run_fastapi_example.sh").read_text()
+    for line in text.splitlines():
+        if not line.startswith("#"):
+            assert line.strip() in (fastapi_app.__doc__ or ""), line
+
+
+async def test_the_uvicorn_command_serves_the_example(
+    better_auth_server: LocalBetterAuth,
+    convex_server: LocalConvex,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """What uvicorn does with the command, step by step: ``--app-dir`` goes first on
+    sys.path, ``MODULE:NAME`` is imported, and ``--factory`` calls it with no arguments
+    to get the app, which reads the command's environment. The app is then served
+    through the ASGI lifespan protocol, as uvicorn would. (uvicorn itself is not among
+    the test dependencies.)"""
+    env, argv = uvicorn_command()
+    parser = argparse.ArgumentParser(prog="uvicorn", exit_on_error=False)
+    parser.add_argument("--factory", action="store_true")
+    parser.add_argument("--app-dir", default=".")
+    parser.add_argument("app")
+    options = parser.parse_args(argv)  # an option not handled here fails the test
+    assert options.factory
+
+    # The command's variables, with the local stack's values; and BETTER_AUTH_URL, the
+    # example's variable for a Better Auth that is not on the deployment's .convex.site.
+    assert set(env) == {"CONVEX_URL", "SERVICE_EMAIL", "SERVICE_PASSWORD"}
+    service_email = new_email("service")
+    async with BetterAuthClient(convex_server.url, site_url=better_auth_server.url) as auth:
+        await auth.sign_up("Service", service_email, PASSWORD)
+    local = {
+        "CONVEX_URL": convex_server.url,
+        "SERVICE_EMAIL": service_email,
+        "SERVICE_PASSWORD": PASSWORD,
+        "BETTER_AUTH_URL": better_auth_server.url,
+    }
+    for name, value in local.items():
+        monkeypatch.setenv(name, value)
+    for name in ("SERVICE_SESSION_FILE", "CALL_TIMEOUT"):
+        monkeypatch.delenv(name, raising=False)
+
+    module_name, _, factory_name = options.app.partition(":")
+    monkeypatch.syspath_prepend(str(ROOT / options.app_dir))
+    assert module_name not in sys.modules
+    try:
+        factory = getattr(importlib.import_module(module_name), factory_name)
+        assert callable(factory)
+        app = factory()
+    finally:
+        sys.modules.pop(module_name, None)
+
+    with anyio.fail_after(WAIT):
+        async with serve(app) as (http, _):
+            assert (await http.get("/healthz")).json() == {"ok": True}
+            whoami = await http.get("/service/whoami")
+            assert whoami.status_code == 200 and whoami.json()["email"] == service_email
