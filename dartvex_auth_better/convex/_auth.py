@@ -30,6 +30,7 @@ import logging
 import random
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import anyio
 
@@ -62,6 +63,16 @@ class _SignedOut(Exception):
 
 class _Superseded(Exception):
     """Internal: a newer set_auth/clear replaced the flow this fetch belonged to."""
+
+
+@dataclass(eq=False)
+class _Flight:
+    """The fetch in the single-flight slot: which flow it belongs to, whether it is
+    forced, and its outcome for whoever shares it."""
+
+    generation: int
+    force: bool
+    future: asyncio.Future[str | None]
 
 
 class AuthManager:
@@ -104,7 +115,7 @@ class AuthManager:
         self.reauth_pending = False
         self.refreshing = Watched(False)
 
-        self._inflight: asyncio.Future[str | None] | None = None
+        self._inflight: _Flight | None = None
         self._attempt_timeout = max(_MIN_ATTEMPT_TIMEOUT, leeway / 2)
         self._failures = 0
         self._retry_not_before = 0.0  # event-loop time of the next allowed attempt
@@ -167,6 +178,8 @@ class AuthManager:
         self._had_confirmation = False
         self._failures = 0
         self._retry_not_before = 0.0
+        # A fetch in flight now belongs to a replaced flow: nobody joins it any more.
+        self._inflight = None
         self.reauth_pending = False
         self.refreshing.set(False)
         self._wake.set()
@@ -264,34 +277,53 @@ class AuthManager:
 
     async def _fetch(self, force: bool) -> str | None:
         """One fetch through the single-flight slot. Raises _SignedOut at the end of the
-        session; other errors propagate (transient)."""
+        session, _Superseded when a newer flow replaced this one; other errors propagate
+        (transient).
+
+        A fetch in flight is shared only within its own flow (a replaced flow's fetcher
+        may answer for another user), and a forced caller never takes the answer of an
+        unforced fetch (it may be a cached JWT): it waits for that one to end, then
+        fetches forced.
+        """
         if self._signed_out_latch or self._fetcher is None:
             raise _SignedOut
         generation = self._generation
-        while self._inflight is not None:
+        while True:
+            if generation != self._generation:
+                raise _Superseded
+            flight = self._inflight
+            if flight is None or flight.generation != generation:
+                break  # lead a fetch of our own
+            if force and not flight.force:
+                await asyncio.wait([flight.future])  # however it ends; then fetch forced
+                continue
             try:
-                token = await asyncio.shield(self._inflight)
+                token = await asyncio.shield(flight.future)
             except asyncio.CancelledError:
-                if self._inflight is None or self._inflight.cancelled():
+                if flight.future.cancelled():
                     continue  # the leader was cancelled: try to lead
                 raise
             return self._accept(token, generation)
-        future: asyncio.Future[str | None] = asyncio.get_running_loop().create_future()
-        self._inflight = future
         fetcher = self._fetcher
+        if fetcher is None or self._signed_out_latch:
+            raise _SignedOut
+        flight = _Flight(generation, force, asyncio.get_running_loop().create_future())
+        self._inflight = flight
         try:
             token = await fetcher(force)
         except BaseException as exc:
             if isinstance(exc, asyncio.CancelledError):
-                future.cancel()
+                flight.future.cancel()
             else:
-                future.set_exception(exc)
-                future.exception()  # retrieved: waiters re-raise their own copy
+                flight.future.set_exception(exc)
+                flight.future.exception()  # retrieved: waiters re-raise their own copy
             raise
         else:
-            future.set_result(token)
+            flight.future.set_result(token)
         finally:
-            self._inflight = None
+            # Only this flight's own slot is cleared, never a newer flow's.
+            if self._inflight is flight:
+                self._inflight = None
         return self._accept(token, generation)
 
     def _accept(self, token: str | None, generation: int) -> str | None:
