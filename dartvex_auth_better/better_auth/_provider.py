@@ -159,7 +159,9 @@ class ConvexBetterAuthProvider:
 
     One provider serves one identity at a time; sign-ins, restores and logouts replace
     it, and a token fetch that was in flight for a replaced session never leaks into the
-    new one.
+    new one. When they overlap, the one started last wins: a sign-in, sign-up or restore
+    that finishes after a newer one (or a logout) began returns its session to its
+    caller but does not adopt or persist it.
     """
 
     def __init__(
@@ -180,6 +182,11 @@ class ConvexBetterAuthProvider:
         # Bumped whenever the identity changes (sign-in, restore, logout, final expiry), so
         # that work begun for one session can tell that it no longer applies.
         self._generation = 0
+        # Bumped when a sign-in, sign-up, restore or logout starts: the most recently
+        # started one decides the identity, so a sign-in that finishes after a newer one
+        # (or after a logout) began is not adopted. An involuntary end of the session (a
+        # 401) does not count: it must not throw away a sign-in under way.
+        self._latest_change = 0
         self._flight: _Flight | None = None
         self._pending_sign_up: _PendingSignUp | None = None
         # The record the store is known to hold, to skip writing the same one again.
@@ -233,15 +240,19 @@ class ConvexBetterAuthProvider:
         ):
             log.debug("login reuses the session from sign_up")
             return current
+        change = self._start_change()
         session = await self._client.sign_in(email, password)
-        await self._adopt(session, "signed in")
+        await self._adopt(session, "signed in", change)
         return session
 
     async def sign_up(self, name: str, email: str, password: str) -> BetterAuthSession:
         """Create an account and sign it in; returns the new session and persists it."""
+        change = self._start_change()
         session = await self._client.sign_up(name, email, password)
-        await self._adopt(session, "signed up")
-        self._pending_sign_up = _PendingSignUp(self._generation, _password_digest(email, password))
+        if await self._adopt(session, "signed up", change):
+            self._pending_sign_up = _PendingSignUp(
+                self._generation, _password_digest(email, password)
+            )
         return session
 
     async def login_from_cache(self) -> BetterAuthSession:
@@ -258,6 +269,7 @@ class ConvexBetterAuthProvider:
         when the store cannot be read. Transient errors propagate and keep everything.
         """
         generation = self._generation
+        change = self._start_change()
         session_token = await self._cached_session_token()
         if session_token is None:
             raise NoSessionError(
@@ -276,7 +288,7 @@ class ConvexBetterAuthProvider:
                 "the Better Auth session is gone (signed out, expired or revoked); sign in again",
                 endpoint=_GET_SESSION_ENDPOINT,
             )
-        await self._adopt(session, "restored")
+        await self._adopt(session, "restored", change)
         return session
 
     async def logout(self) -> None:
@@ -289,6 +301,7 @@ class ConvexBetterAuthProvider:
         is raised afterwards. Raises SessionStoreError when the store cannot be cleared.
         Convex JWTs issued before stay valid until they expire.
         """
+        self._start_change()
         session_token = self.session_token or self._initial_session_token
         await self._forget("logged out", sign_out=session_token, raise_store_errors=True)
 
@@ -366,13 +379,24 @@ class ConvexBetterAuthProvider:
 
     # -- identity changes and persistence -----------------------------------------------------
 
-    async def _adopt(self, session: BetterAuthSession, how: str) -> None:
+    def _start_change(self) -> int:
+        self._latest_change += 1
+        return self._latest_change
+
+    async def _adopt(self, session: BetterAuthSession, how: str, change: int) -> bool:
+        """Make ``session`` the current one, unless a newer sign-in or a logout started
+        after the one that produced it (then it is dropped: not held, not persisted, and
+        its caller still gets it). Returns whether it was adopted."""
+        if change != self._latest_change:
+            log.debug("%s, but a newer sign-in or a logout came first: not adopted", how)
+            return False
         self._generation += 1
         self._session = session
         self._initial_session_token = None
         self._pending_sign_up = None
         log.debug("%s: user %s, session %s", how, session.user_id, redact(session.session_token))
         await self._persist(_record_of(session), self._generation)
+        return True
 
     async def _persist(self, record: _SessionRecord, generation: int) -> None:
         async with self._store_lock:

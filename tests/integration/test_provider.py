@@ -574,6 +574,110 @@ async def test_a_fetch_in_flight_across_a_new_login_gets_the_new_users_token(
     assert subject_of(provider.session.token) == other.user_id
 
 
+# -- sign-ins overtaken by other identity changes ---------------------------------------------
+
+
+async def test_a_stale_login_does_not_overwrite_a_newer_one(
+    client: BetterAuthClient, proxy: FaultyProxy
+):
+    first_email, first = await signed_up(client, "First")
+    second_email, second = await signed_up(client, "Second")
+    store = MemorySessionStore()
+    provider = ConvexBetterAuthProvider(client, store=store)
+    hold = proxy.hold_next(SIGN_IN)  # the first login's request is slow
+    stale: list[BetterAuthSession] = []
+
+    async def first_login() -> None:
+        stale.append(await provider.login(first_email, PASSWORD))
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(first_login)
+        await hold.entered.wait()
+        newer = await provider.login(second_email, PASSWORD)
+        hold.release.set()
+    # The first login did sign in (its caller gets its session), but the provider keeps
+    # the newer identity, in memory and in the store.
+    assert len(stale) == 1 and stale[0].user_id == first.user_id
+    assert provider.session is not None and provider.session.user_id == second.user_id
+    assert provider.session_token == newer.session_token
+    assert stored_record(await store.get())["user_id"] == second.user_id
+    assert subject_of(await provider.fetch_token(True)) == second.user_id
+
+
+async def test_a_logout_during_a_login_is_not_undone_by_it(
+    client: BetterAuthClient, proxy: FaultyProxy
+):
+    email, _ = await signed_up(client)
+    store = MemorySessionStore()
+    provider = ConvexBetterAuthProvider(client, store=store)
+    hold = proxy.hold_next(SIGN_IN)
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(provider.login, email, PASSWORD)
+        await hold.entered.wait()
+        await provider.logout()  # the user gave up waiting and signed out
+        hold.release.set()
+    assert provider.session is None
+    assert await store.get() is None
+    assert await provider.fetch_token(True) is None
+    assert proxy.counts[TOKEN] == 0
+
+
+async def test_a_logout_during_a_sign_up_is_not_undone_by_it(
+    client: BetterAuthClient, proxy: FaultyProxy
+):
+    email = new_email()
+    store = MemorySessionStore()
+    provider = ConvexBetterAuthProvider(client, store=store)
+    hold = proxy.hold_next(SIGN_UP)
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(provider.sign_up, "Ida", email, PASSWORD)
+        await hold.entered.wait()
+        await provider.logout()
+        hold.release.set()
+    assert provider.session is None and await store.get() is None
+    # Nor does its sign-up mark make a later login skip the server.
+    await provider.login(email, PASSWORD)
+    assert proxy.counts[SIGN_IN] == 1
+
+
+async def test_a_401_for_the_old_session_during_a_login_keeps_the_new_one(
+    client: BetterAuthClient, proxy: FaultyProxy
+):
+    store = MemorySessionStore()
+    provider = await logged_in(client, store)
+    other_email, other = await signed_up(client, "Other")
+    hold = proxy.hold_next(SIGN_IN)
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(provider.login, other_email, PASSWORD)
+        await hold.entered.wait()
+        # Meanwhile the old session ends on the server: that is no newer sign-in.
+        proxy.fail_next(TOKEN, 401, body={"code": "UNAUTHORIZED"})
+        assert await provider.fetch_token(True) is None
+        hold.release.set()
+    assert provider.session is not None and provider.session.user_id == other.user_id
+    assert stored_record(await store.get())["user_id"] == other.user_id
+
+
+async def test_a_restore_overtaken_by_a_login_does_not_replace_it(
+    client: BetterAuthClient, proxy: FaultyProxy
+):
+    store = MemorySessionStore()
+    provider = await logged_in(client, store)
+    other_email, other = await signed_up(client, "Other")
+    hold = proxy.hold_next(GET_SESSION)
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(provider.login_from_cache)
+        await hold.entered.wait()
+        await provider.login(other_email, PASSWORD)
+        hold.release.set()
+    assert provider.session is not None and provider.session.user_id == other.user_id
+    assert stored_record(await store.get())["user_id"] == other.user_id
+
+
 # -- restore -------------------------------------------------------------------------------
 
 
