@@ -1198,7 +1198,8 @@ class ConnectionRecord:
         identity: the verified JWT claims in force, or None when anonymous.
         user_identity: what ``ctx.auth.get_user_identity()`` returns for this connection.
 
-    Fault injection on this one socket: :meth:`drop`, :meth:`close`, :meth:`send_raw`.
+    Fault injection on this one socket: :meth:`drop`, :meth:`close`, :meth:`send_raw`,
+    :meth:`pause_reading`/:meth:`resume_reading`.
     """
 
     def __init__(self, *, path: str, client_header: str | None, notifier: _Notifier) -> None:
@@ -1261,11 +1262,25 @@ class ConnectionRecord:
         self._conn.abort()
         await self.wait_closed(_CLOSE_GRACE_SECONDS + 1.0)
 
-    async def close(self, code: int = 1011, reason: str = "InternalServerError") -> None:
+    async def close(self, code: int | None = 1011, reason: str = "InternalServerError") -> None:
         """Send a Close frame with ``code``/``reason`` on this socket (no protocol message
-        first). Does nothing once it is closing."""
+        first); ``code=None`` sends one with no status at all (the client sees 1005).
+        Does nothing once it is closing."""
         if self._conn is not None:
-            await self._conn.terminate(None, code=code, reason=reason)
+            await self._conn.terminate(None, code=code, reason=reason if code is not None else "")
+
+    def pause_reading(self) -> None:
+        """Stop reading this socket at the TCP level: the client's frames stay in the
+        kernel buffers, and once those are full its writes block (a stalled network)."""
+        transport = self._conn.request.transport if self._conn is not None else None
+        if transport is not None and not transport.is_closing():
+            transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        """Undo :meth:`pause_reading`."""
+        transport = self._conn.request.transport if self._conn is not None else None
+        if transport is not None and not transport.is_closing():
+            transport.resume_reading()
 
     async def send_raw(self, data: bytes | str, *, binary: bool = False) -> bool:
         """Send one frame exactly as given, at once (ignoring :meth:`LocalConvex.pause`
@@ -1888,8 +1903,8 @@ class LocalConvex:
     :meth:`send_fatal_error`, :meth:`send_auth_error`, :meth:`pause`/:meth:`resume`,
     :attr:`transition_chunk_size`, :meth:`wrong_start_version_once`,
     :meth:`invalidate_cursors`, :meth:`hold_handshakes`; per socket,
-    :meth:`ConnectionRecord.drop`, :meth:`ConnectionRecord.close` and
-    :meth:`ConnectionRecord.send_raw`.
+    :meth:`ConnectionRecord.drop`, :meth:`ConnectionRecord.close`,
+    :meth:`ConnectionRecord.send_raw` and :meth:`ConnectionRecord.pause_reading`.
     """
 
     def __init__(

@@ -1120,3 +1120,30 @@ def test_hold_handshakes_holds_new_sockets_until_released() -> None:
                 await ws.close()
 
     run(body)
+
+
+def test_a_record_closes_with_no_status_when_asked() -> None:
+    async def body() -> None:
+        async with LocalConvex() as convex, client(convex) as c:
+            await c.connect()
+            record = await convex.wait_for_connections(1)
+            await record.wait_for_frame("Connect")
+            await record.close(None)
+            msg = await c.expect_close()
+            assert (msg.type, msg.data) == (aiohttp.WSMsgType.CLOSE, 0)  # aiohttp: no status
+
+    run(body)
+
+
+def test_pause_reading_holds_the_clients_frames_until_resumed() -> None:
+    async def body() -> None:
+        async with LocalConvex() as convex, client(convex) as c:
+            record = await convex.wait_for_connections(1)
+            record.pause_reading()
+            await c.connect()
+            await anyio.sleep(0.2)  # nothing may happen: the frame waits in the kernel
+            assert record.raw_frame_count == 0
+            record.resume_reading()
+            assert (await record.wait_for_frame("Connect"))["sessionId"] == "session-1"
+
+    run(body)
