@@ -1,0 +1,170 @@
+"""How the socket loop ends a socket and what the next one says about it: reconnect
+reasons and delays, send failures, the protocol guard, chunk runs, timeouts and keepalive.
+
+A real ConvexClient against a real LocalConvex over real sockets. Faults are injected per
+socket (``ConnectionRecord.close/drop/send_raw/pause_reading``, ``hold_handshakes``);
+waiting is on frames, status changes and server events under ``anyio.fail_after``. The
+chosen reconnect delay is read from the client's own log line, so a band can be checked
+without waiting out a long backoff.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from typing import Any
+
+import anyio
+import msgspec
+import pytest
+
+from dartvex_auth_better import (
+    ConnectionState,
+    ConnectionStatus,
+    ConvexClient,
+)
+from dartvex_auth_better.testing import LocalConvex
+from dartvex_auth_better.testing._convex_server import ActionCtx, QueryCtx
+
+pytestmark = [pytest.mark.anyio, pytest.mark.integration]
+
+DEADLINE = 10.0
+WS_LOGGER = "dartvex_auth_better.convex.ws"
+ZERO = {"querySet": 0, "identity": 0, "ts": "AAAAAAAAAAA="}
+# Decodes fine, but starts at a version no client is at: an InvalidServerMessage.
+BAD_TRANSITION = msgspec.json.encode(
+    {
+        "type": "Transition",
+        "startVersion": {**ZERO, "querySet": 99},
+        "endVersion": {**ZERO, "querySet": 100},
+        "modifications": [],
+    }
+)
+
+
+def install(convex: LocalConvex) -> None:
+    @convex.query("q:get")
+    def get(ctx: QueryCtx, args: dict[str, Any]) -> int:
+        return 1
+
+    @convex.query("q:big")
+    def big(ctx: QueryCtx, args: dict[str, Any]) -> str:
+        return "x" * args["n"]
+
+    @convex.action("a:echo")
+    def echo(ctx: ActionCtx, args: dict[str, Any]) -> int:
+        return len(args["blob"])
+
+
+@asynccontextmanager
+async def running(
+    server: dict[str, Any] | None = None, **client_options: Any
+) -> AsyncIterator[tuple[LocalConvex, ConvexClient]]:
+    with anyio.fail_after(DEADLINE):
+        async with LocalConvex(**(server or {})) as convex:
+            install(convex)
+            async with ConvexClient(convex.url, **client_options) as client:
+                yield convex, client
+
+
+async def wait_status(
+    client: ConvexClient, predicate: Callable[[ConnectionStatus], bool]
+) -> ConnectionStatus:
+    async for status in client.connection_statuses():
+        if predicate(status):
+            return status
+    raise AssertionError("the status stream ended")
+
+
+async def synced_on(client: ConvexClient, connection: int) -> None:
+    """Wait until the client is connected and synced on its ``connection``-th socket."""
+    await wait_status(
+        client, lambda s: s.is_connected and s.synced and s.connection_count == connection
+    )
+
+
+async def next_connect(convex: LocalConvex, n: int) -> dict[str, Any]:
+    """The Connect frame of the ``n``-th socket (waits for it)."""
+    record = await convex.wait_for_connections(n)
+    return await record.wait_for_frame("Connect")
+
+
+def reconnect_delays(caplog: pytest.LogCaptureFixture) -> list[float]:
+    """Every reconnect delay the client chose, from its log, in order."""
+    delays = []
+    for record in caplog.records:
+        if record.name == WS_LOGGER:
+            found = re.search(r"reconnecting in ([0-9.]+) s", record.getMessage())
+            if found:
+                delays.append(float(found.group(1)))
+    return delays
+
+
+@pytest.fixture
+def ws_log(caplog: pytest.LogCaptureFixture) -> pytest.LogCaptureFixture:
+    caplog.set_level(logging.INFO, logger=WS_LOGGER)
+    return caplog
+
+
+# -- server closes: reasons and backoff -------------------------------------------------------
+
+
+async def test_an_overload_close_backs_off_in_its_band_and_is_reported(ws_log):
+    # initial_backoff scales the server-side starts: 0.1 s here, so an overload reason
+    # starts at 0.3 s, jittered into [0.15, 0.45); an ordinary one into [0.05, 0.15).
+    async with running(initial_backoff=0.1) as (convex, client):
+        assert await client.query("q:get") == 1
+        await synced_on(client, 1)
+        started = time.monotonic()
+        await convex.connections[0].close(1011, "SubscriptionsWorkerFullError")
+        connect = await next_connect(convex, 2)
+        elapsed = time.monotonic() - started
+        assert connect["lastCloseReason"] == "SubscriptionsWorkerFullError"
+        [delay] = reconnect_delays(ws_log)
+        assert 0.15 <= delay <= 0.45
+        assert elapsed >= delay - 0.01  # it really waited
+
+
+async def test_a_code_only_close_is_reported_with_its_code(ws_log):
+    async with running(initial_backoff=0.1) as (convex, client):
+        await synced_on(client, 1)
+        await convex.connections[0].close(4001, "")
+        connect = await next_connect(convex, 2)
+        assert connect["lastCloseReason"] == "closed with code 4001"
+        [delay] = reconnect_delays(ws_log)
+        assert 0.05 <= delay <= 0.15  # a server-caused start (0.1 s here)
+
+
+async def test_a_websocket_protocol_error_reconnects(ws_log):
+    # A text frame that is not UTF-8: aiohttp reports WSMsgType.ERROR.
+    async with running() as (convex, client):
+        await synced_on(client, 1)
+        assert await convex.connections[0].send_raw(b"\xff\xfe")
+        connect = await next_connect(convex, 2)
+        assert connect["lastCloseReason"] == "WebSocketError"
+        [delay] = reconnect_delays(ws_log)
+        assert delay <= 0.15  # client-caused: the 100 ms start
+        assert await client.query("q:get") == 1
+
+
+# -- big frames and keepalive -------------------------------------------------------------------
+
+
+async def test_a_six_megabyte_query_result_arrives_in_one_frame():
+    async with running() as (convex, client):
+        assert convex.transition_chunk_size is None
+        result = await client.query("q:big", {"n": 6_000_000})
+        assert len(result) == 6_000_000
+        assert len(convex.connections) == 1  # no size cap tripped, no reconnect
+
+
+async def test_server_pings_keep_an_idle_socket_alive():
+    async with running({"ping_interval": 0.1}, inactivity_timeout=0.5) as (convex, client):
+        assert await client.query("q:get") == 1
+        # What is under test is that nothing happens: let 4x the timeout pass.
+        await anyio.sleep(2.0)
+        assert len(convex.connections) == 1
+        assert client.connection_state is ConnectionState.CONNECTED
