@@ -52,7 +52,7 @@ def install(convex: LocalConvex) -> None:
 
     @convex.query("q:big")
     def big(ctx: QueryCtx, args: dict[str, Any]) -> str:
-        return "x" * args["n"]
+        return "x" * int(args["n"])
 
     @convex.action("a:echo")
     def echo(ctx: ActionCtx, args: dict[str, Any]) -> int:
