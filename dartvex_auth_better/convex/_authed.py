@@ -107,15 +107,23 @@ class AuthenticatedConvexClient(Generic[SessionT]):
         """Sign out on the server and here. The client is anonymous afterwards, even when
         the provider's sign-out call fails (its error propagates)."""
         self._generation += 1
-        was_signed_in = not isinstance(self._state.value, Unauthenticated)
         try:
             await self.provider.logout()
         finally:
             self._pending = None
             await self.client.clear_auth()
-            self._state.set(Unauthenticated())
-            if was_signed_in:
-                self._emit(AuthEvent.SIGNED_OUT)
+            # Read now, not before the sign-out call: the session may have ended by itself
+            # meanwhile (a refresh found it gone), and SIGNED_OUT was emitted then.
+            self._signed_out()
+
+    def _signed_out(self) -> None:
+        """Unauthenticated from now on; SIGNED_OUT unless that was the state already, so
+        that one sign-out is announced once however many paths lead to it."""
+        was_signed_in = not isinstance(self._state.value, Unauthenticated)
+        self._pending = None
+        self._state.set(Unauthenticated())
+        if was_signed_in:
+            self._emit(AuthEvent.SIGNED_OUT)
 
     async def refresh_now(self) -> None:
         """Get a fresh token at once and wait for the server to confirm it."""
@@ -154,11 +162,7 @@ class AuthenticatedConvexClient(Generic[SessionT]):
 
     def _on_signed_out(self) -> None:
         log.info("signed out: the session ended")
-        was_signed_in = not isinstance(self._state.value, Unauthenticated)
-        self._pending = None
-        self._state.set(Unauthenticated())
-        if was_signed_in:
-            self._emit(AuthEvent.SIGNED_OUT)
+        self._signed_out()
 
     # -- state and events -------------------------------------------------------------------
 

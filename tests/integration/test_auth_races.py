@@ -10,16 +10,33 @@ server under Node where a provider is involved). Nothing of the SDK is mocked.
 from __future__ import annotations
 
 import asyncio
+import secrets
 import time
 from collections.abc import AsyncIterator
+from typing import Any
 
 import anyio
 import anyio.lowlevel
 import pytest
 
+from dartvex_auth_better import (
+    AuthEvent,
+    BetterAuthClient,
+    ConvexBetterAuthProvider,
+    ConvexClient,
+    SessionExpiredError,
+    Unauthenticated,
+)
 from dartvex_auth_better._jwt import token_claims
 from dartvex_auth_better.convex._auth import AuthManager
-from dartvex_auth_better.testing import LocalConvex, TestTokenIssuer, register_demo_app
+from dartvex_auth_better.convex._authed import AuthenticatedConvexClient, AuthEventStream
+from dartvex_auth_better.testing import (
+    LocalBetterAuth,
+    LocalConvex,
+    TestTokenIssuer,
+    register_demo_app,
+)
+from tests.integration.test_provider import FaultyProxy
 
 pytestmark = [pytest.mark.anyio]
 
@@ -48,6 +65,45 @@ async def convex(issuer: TestTokenIssuer) -> AsyncIterator[LocalConvex]:
     async with LocalConvex(jwks=issuer.jwks, issuer=issuer.issuer) as server:
         register_demo_app(server)
         yield server
+
+
+PASSWORD = "correct horse battery staple"
+SIGN_OUT = "/api/auth/sign-out"
+
+
+@pytest.fixture
+async def proxy(better_auth_server: LocalBetterAuth) -> AsyncIterator[FaultyProxy]:
+    async with FaultyProxy(better_auth_server.url) as running:
+        yield running
+
+
+@pytest.fixture
+async def auth(proxy: FaultyProxy) -> AsyncIterator[BetterAuthClient]:
+    async with BetterAuthClient(proxy.url) as client:
+        yield client
+
+
+async def new_account(better_auth: LocalBetterAuth) -> tuple[str, str]:
+    """A fresh account, created on the side; returns (email, user id)."""
+    email = f"races-{secrets.token_hex(6)}@example.com"
+    async with BetterAuthClient(better_auth.url) as direct:
+        session = await direct.sign_up("Ada", email, PASSWORD)
+    return email, session.user_id
+
+
+def quick_client(convex: LocalConvex, **options: Any) -> ConvexClient:
+    # Quick reconnects: some tests drop sockets on purpose.
+    return ConvexClient(convex.url, initial_backoff=0.01, max_backoff=0.05, **options)
+
+
+async def drained(events: AuthEventStream) -> list[AuthEvent]:
+    events.close()
+    return [event async for event in events]
+
+
+async def whoami(authed: AuthenticatedConvexClient[Any]) -> Any:
+    me = await authed.query("users:whoami")
+    return None if me is None else me["subject"]
 
 
 # -- the single-flight slot belongs to one flow, and to one kind of fetch ----------------
@@ -168,3 +224,30 @@ def issuer_subject(token: str | None) -> object:
     claims = token_claims(token)
     assert claims is not None
     return claims["sub"]
+
+
+# -- AuthenticatedConvexClient ---------------------------------------------------------------
+
+
+async def test_a_session_that_ends_during_logout_is_signed_out_once(
+    better_auth_server, convex_server, auth, proxy
+):
+    email, _ = await new_account(better_auth_server)
+    provider = ConvexBetterAuthProvider(auth)
+    async with quick_client(convex_server) as client:
+        authed = client.with_auth(provider)
+        events = authed.auth_events()
+        with anyio.fail_after(TEST_TIMEOUT):
+            await authed.login(email, PASSWORD)
+            hold = proxy.hold_next(SIGN_OUT)  # the sign-out request is slow
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(authed.logout)
+                await hold.entered.wait()
+                # Meanwhile a refresh asks the provider, which has already forgotten the
+                # session: the client signs out by itself.
+                with pytest.raises(SessionExpiredError):
+                    await authed.refresh_now()
+                assert authed.auth_state == Unauthenticated()
+                hold.release.set()
+            assert await whoami(authed) is None
+    assert await drained(events) == [AuthEvent.SIGNED_IN, AuthEvent.SIGNED_OUT]
