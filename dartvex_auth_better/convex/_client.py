@@ -583,6 +583,9 @@ class ConvexClient:
 
     async def _serve_socket(self, ws: aiohttp.ClientWebSocketResponse) -> _SocketEnded:
         send, receive = anyio.create_memory_object_stream[Outgoing](math.inf)
+        # A reconnect_now() made while this socket was connecting is spent: its reason goes
+        # out in this Connect, and this socket's own end is judged on its own.
+        self._reconnect_requested.clear()
         for frame in self._core.restart():
             send.send_nowait(frame)
         self._out = send

@@ -168,3 +168,28 @@ async def test_server_pings_keep_an_idle_socket_alive():
         await anyio.sleep(2.0)
         assert len(convex.connections) == 1
         assert client.connection_state is ConnectionState.CONNECTED
+
+
+# -- reconnect_now ------------------------------------------------------------------------------
+
+
+async def test_a_reconnect_requested_during_a_connect_does_not_leak_into_a_later_close(ws_log):
+    with anyio.fail_after(DEADLINE):
+        async with LocalConvex() as convex:
+            install(convex)
+            convex.hold_handshakes()
+            async with ConvexClient(convex.url, initial_backoff=0.1) as client:
+                await convex.wait_for_handshake_attempts(1)
+                client.reconnect_now("Early")  # mid-connect: only the reason is kept
+                convex.release_handshakes()
+                assert await client.query("q:get") == 1
+                assert (await next_connect(convex, 1))["lastCloseReason"] == "Early"  # once
+                await synced_on(client, 1)
+
+                await convex.connections[0].close(1011, "SubscriptionsWorkerFullError")
+                # The server's close is the server's: its reason, its (overload) backoff.
+                second = await next_connect(convex, 2)
+                assert second["lastCloseReason"] == "SubscriptionsWorkerFullError"
+                [delay] = reconnect_delays(ws_log)
+                assert 0.15 <= delay <= 0.45
+                assert len(convex.connections) == 2
