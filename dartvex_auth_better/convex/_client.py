@@ -610,11 +610,14 @@ class ConvexClient:
     ) -> None:
         try:
             async for frame, request_id in frames:
-                if request_id is not None and not self._core.requests.should_write(request_id):
-                    continue  # its caller gave up before it reached the wire
-                await ws.send_frame(frame, aiohttp.WSMsgType.TEXT)
                 if request_id is not None:
+                    if not self._core.requests.should_write(request_id):
+                        continue  # its caller gave up before it reached the wire
+                    # Sent as soon as the write starts (as the official client marks it):
+                    # if the socket dies mid-write the server may have it, so an action
+                    # must not be sent again.
                     self._core.requests.mark_sent(request_id)
+                await ws.send_frame(frame, aiohttp.WSMsgType.TEXT)
         except (aiohttp.ClientError, ConnectionError, RuntimeError) as exc:
             # The reader sees the socket close and reconnects.
             ws_logger.info("send failed: %s", type(exc).__name__)

@@ -22,6 +22,7 @@ import msgspec
 import pytest
 
 from dartvex_auth_better import (
+    ConnectionLostError,
     ConnectionState,
     ConnectionStatus,
     ConvexClient,
@@ -193,3 +194,41 @@ async def test_a_reconnect_requested_during_a_connect_does_not_leak_into_a_later
                 [delay] = reconnect_delays(ws_log)
                 assert 0.15 <= delay <= 0.45
                 assert len(convex.connections) == 2
+
+
+# -- send failures --------------------------------------------------------------------------------
+
+
+async def cut_off_a_big_action(
+    convex: LocalConvex, client: ConvexClient
+) -> tuple[list[BaseException | int], dict[str, Any]]:
+    """Stall the socket under a big Action frame, then cut it; returns the action's
+    outcome and the next socket's Connect."""
+    await synced_on(client, 1)
+    first = convex.connections[0]
+    frames_before = first.raw_frame_count
+    first.pause_reading()  # a stalled network: the client's big write cannot finish
+    outcome: list[BaseException | int] = []
+
+    async def call() -> None:
+        try:
+            outcome.append(await client.action("a:echo", {"blob": "x" * 16_000_000}))
+        except ConnectionLostError as exc:
+            outcome.append(exc)
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(call)
+        await anyio.wait_all_tasks_blocked()  # the writer is stuck mid-frame
+        assert outcome == [] and first.raw_frame_count == frames_before
+        await first.drop()
+        connect = await next_connect(convex, 2)
+    return outcome, connect
+
+
+async def test_an_action_whose_write_was_cut_off_fails_and_is_not_sent_again():
+    async with running() as (convex, client):
+        outcome, _ = await cut_off_a_big_action(convex, client)
+        # The frame was on its way: the action may have run, so it is not sent again.
+        assert len(outcome) == 1 and isinstance(outcome[0], ConnectionLostError), outcome
+        await synced_on(client, 2)
+        assert convex.connections[1].frames_of_type("Action") == []
