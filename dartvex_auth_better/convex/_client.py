@@ -92,12 +92,14 @@ class _SocketEnded(Exception):
         server_caused: bool,
         protocol_error: bool = False,
         fatal: DartvexError | None = None,
+        close_frame: bool = False,
     ) -> None:
         super().__init__(reason)
         self.reason = reason
         self.server_caused = server_caused
         self.protocol_error = protocol_error
         self.fatal = fatal
+        self.close_frame = close_frame  # the server sent a Close frame (not just gone)
 
 
 class _ChunkBuffer:
@@ -594,6 +596,7 @@ class ConvexClient:
         self._has_ever_connected = True
         self._set_state(ConnectionState.CONNECTED)
         ended = _SocketEnded("ReconnectRequested", server_caused=False)
+        self._writing = self._send_failed = False
         with send, receive, anyio.CancelScope() as scope:
             # reconnect_now() cancels this scope to drop the socket.
             self._socket_scope = scope
@@ -603,6 +606,11 @@ class ConvexClient:
                 )
                 ended = await self._read_frames(ws)
                 tg.cancel_scope.cancel()
+        if self._send_failed or (self._writing and not ended.close_frame):
+            # A write failed, or the connection went while a frame was half written (the
+            # writer would fail next): the client's reconnect, unless the server closed
+            # with a Close frame of its own (its reason and backoff win).
+            ended = _SocketEnded("FailedToSendMessage", server_caused=False)
         return ended
 
     async def _write_frames(
@@ -617,10 +625,13 @@ class ConvexClient:
                     # if the socket dies mid-write the server may have it, so an action
                     # must not be sent again.
                     self._core.requests.mark_sent(request_id)
+                self._writing = True
                 await ws.send_frame(frame, aiohttp.WSMsgType.TEXT)
+                self._writing = False
         except (aiohttp.ClientError, ConnectionError, RuntimeError) as exc:
-            # The reader sees the socket close and reconnects.
+            # The reader sees the socket close; the loop reconnects as FailedToSendMessage.
             ws_logger.info("send failed: %s", type(exc).__name__)
+            self._send_failed = True
             await ws.close()
 
     async def _read_frames(self, ws: aiohttp.ClientWebSocketResponse) -> _SocketEnded:
@@ -667,7 +678,9 @@ class ConvexClient:
             reason = (msg.extra if isinstance(msg.extra, str) else "") or (
                 f"closed with code {ws.close_code}"
             )
-            return _SocketEnded(reason, server_caused=True)
+            return _SocketEnded(
+                reason, server_caused=True, close_frame=msg.type is aiohttp.WSMsgType.CLOSE
+            )
         else:
             return _SocketEnded("WebSocketError", server_caused=False)
         try:

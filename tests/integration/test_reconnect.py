@@ -232,3 +232,11 @@ async def test_an_action_whose_write_was_cut_off_fails_and_is_not_sent_again():
         assert len(outcome) == 1 and isinstance(outcome[0], ConnectionLostError), outcome
         await synced_on(client, 2)
         assert convex.connections[1].frames_of_type("Action") == []
+
+
+async def test_a_failed_send_is_a_client_caused_reconnect(ws_log):
+    async with running() as (convex, client):
+        _, connect = await cut_off_a_big_action(convex, client)
+        assert connect["lastCloseReason"] == "FailedToSendMessage"
+        [delay] = reconnect_delays(ws_log)
+        assert delay <= 0.15  # the client's 100 ms start, not the server's 1 s
