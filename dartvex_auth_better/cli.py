@@ -494,6 +494,13 @@ async def _within(limit: float | None, work: Awaitable[T], what: str, note: str 
 # -- commands: Better Auth only -------------------------------------------------------------
 
 
+async def _check_store_usable(target: _Target) -> None:
+    """Read the session store once, so an unusable one (no keyring backend, an unreadable
+    file) fails the command before it signs anybody in."""
+    async with target.auth_client() as auth:
+        await target.store(auth.site_url).get()
+
+
 async def _cmd_signup(target: _Target, args: argparse.Namespace, password: str) -> None:
     name: str = args.name or args.email.partition("@")[0] or args.email
     async with target.auth_client() as auth:
@@ -1035,6 +1042,10 @@ def _run(args: argparse.Namespace) -> None:
         anyio.run(lambda: run_demo(messages=messages, jwt_ttl_seconds=args.jwt_ttl))
         return
     target = _Target.from_args(args)
+    if command in ("signup", "login") and target.keyring:
+        # Before any password prompt or server call: a machine with no usable keyring
+        # must not end up with a server session (or a new account) that nothing holds.
+        anyio.run(_check_store_usable, target)
     if command == "signup":
         # Secrets are read before the event loop starts: a prompt blocks, and Ctrl-C at a
         # prompt must be a plain KeyboardInterrupt.

@@ -36,6 +36,7 @@ from dartvex_auth_better import (
     BetterAuthSession,
     ConvexBetterAuthProvider,
     FileSessionStore,
+    InvalidCredentialsError,
     KeyringSessionStore,
     SessionStore,
 )
@@ -639,22 +640,30 @@ async def test_logout_from_the_keyring(cli, better_auth_server, tmp_path):
     assert "not signed in (no session in the system keyring)" in whoami.error_line()
 
 
-async def test_keyring_without_a_usable_backend_is_one_error_line(cli):
+async def test_keyring_without_a_usable_backend_is_one_error_line(cli, better_auth_server):
     # keyring's "fail" backend: what keyring picks on a machine with no keyring at all.
     no_keyring: dict[str, str | None] = {"PYTHON_KEYRING_BACKEND": "keyring.backends.fail.Keyring"}
     seeded = await cli.seed()
     before = cli.session_file.read_bytes()
-    whoami, login, logout = await gather(
+    new_account = new_email()
+    whoami, login, signup, magic, logout = await gather(
         cli("whoami", "--keyring", env=no_keyring),
         cli("login", seeded.email, "--keyring", "--password-stdin", input=PASSWORD, env=no_keyring),
+        cli("signup", new_account, "--keyring", "--password-stdin", input=PASSWORD, env=no_keyring),
+        cli("login", new_account, "--magic-link", "--keyring", env=no_keyring),
         cli("logout", "--keyring", env=no_keyring),
     )
-    for result in (whoami, login, logout):
+    for result in (whoami, login, signup, magic, logout):
         assert result.code == cli_module.EXIT_ERROR, result
         assert "no usable keyring backend" in result.error_line()
         assert result.out == ""
-    assert login.error_line().startswith("error: signed in, but the session could not be saved")
+    # Refused before any server call: no session was started, no account made, no link sent.
+    for refused in (login, signup, magic):
+        assert "signed in" not in refused.err and "sent a sign-in link" not in refused.err
     assert cli.session_file.read_bytes() == before  # --keyring never falls back to the file
+    async with BetterAuthClient(better_auth_server.url) as auth:
+        with pytest.raises(InvalidCredentialsError):
+            await auth.sign_in(new_account, PASSWORD)
 
 
 # -- servers that are not there ------------------------------------------------------------
