@@ -34,7 +34,7 @@ from ._auth_types import AuthProvider, FetchToken
 from ._authed import AuthenticatedConvexClient, SessionT
 from ._optimistic import OptimisticUpdate
 from ._pagination import PaginatedQuery
-from ._protocol import AuthError, Transition, TransitionChunk, decode_server_message
+from ._protocol import AuthError, FatalError, Transition, TransitionChunk, decode_server_message
 from ._query_set import canonical_udf_path
 from ._subscription import Subscription
 from ._sync import Outgoing, SyncCore
@@ -690,7 +690,8 @@ class ConvexClient:
                 if whole is None:
                     return None
                 server_msg = whole
-            elif self._chunks.pending:
+            elif self._chunks.pending and not isinstance(server_msg, FatalError):
+                # (A FatalError wins: it ends the client, whatever was being reassembled.)
                 raise ProtocolError("a message arrived in the middle of a TransitionChunk run")
             self._core.handle(server_msg)
         except ServerFatalError as exc:

@@ -26,6 +26,7 @@ from dartvex_auth_better import (
     ConnectionState,
     ConnectionStatus,
     ConvexClient,
+    ServerFatalError,
 )
 from dartvex_auth_better.testing import LocalConvex
 from dartvex_auth_better.testing._convex_server import ActionCtx, QueryCtx
@@ -240,3 +241,53 @@ async def test_a_failed_send_is_a_client_caused_reconnect(ws_log):
         assert connect["lastCloseReason"] == "FailedToSendMessage"
         [delay] = reconnect_delays(ws_log)
         assert delay <= 0.15  # the client's 100 ms start, not the server's 1 s
+
+
+# -- TransitionChunk runs over the wire ------------------------------------------------------------
+
+
+def chunk_frame(text: str, part: int, total: int, transition_id: str = "t") -> bytes:
+    return msgspec.json.encode(
+        {
+            "type": "TransitionChunk",
+            "chunk": text,
+            "partNumber": part,
+            "totalParts": total,
+            "transitionId": transition_id,
+        }
+    )
+
+
+@pytest.mark.parametrize(
+    "frames",
+    [
+        [chunk_frame("{", 1, 2)],  # a part out of order
+        [chunk_frame("{", 0, 2), chunk_frame("}", 1, 2, "other")],  # another id
+        [chunk_frame("{", 0, 2), chunk_frame("}", 1, 3)],  # another total
+        [chunk_frame("{", 0, 2), b'{"type":"Ping"}'],  # another message mid-run
+        [chunk_frame('{"type":', 0, 2), chunk_frame('"Ping"}', 1, 2)],  # not a Transition
+    ],
+    ids=["out-of-order", "mismatched-id", "mismatched-total", "interleaved", "not-transition"],
+)
+async def test_a_broken_chunk_run_is_an_invalid_server_message(frames: list[bytes], ws_log):
+    async with running() as (convex, client):
+        await synced_on(client, 1)
+        for frame in frames:
+            assert await convex.connections[0].send_raw(frame)
+        connect = await next_connect(convex, 2)
+        assert connect["lastCloseReason"] == "InvalidServerMessage"
+        [delay] = reconnect_delays(ws_log)
+        assert delay <= 0.15  # client-caused
+        assert await client.query("q:get") == 1
+
+
+async def test_a_fatal_error_in_the_middle_of_a_chunk_run_is_fatal():
+    async with running() as (convex, client):
+        await synced_on(client, 1)
+        record = convex.connections[0]
+        assert await record.send_raw(chunk_frame("{", 0, 2))
+        assert await record.send_raw(b'{"type":"FatalError","error":"boom mid-run"}')
+        with pytest.raises(ServerFatalError, match="boom mid-run"):
+            await client.query("q:get")
+        assert client.connection_state is ConnectionState.FATAL
+        assert len(convex.connections) == 1  # never reconnected
