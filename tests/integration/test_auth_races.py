@@ -251,3 +251,28 @@ async def test_a_session_that_ends_during_logout_is_signed_out_once(
                 hold.release.set()
             assert await whoami(authed) is None
     assert await drained(events) == [AuthEvent.SIGNED_IN, AuthEvent.SIGNED_OUT]
+
+
+async def test_a_fixed_token_set_while_paused_is_sent_once(issuer, convex):
+    gate = Gate()
+
+    async def hanging(force_refresh: bool) -> str:
+        await gate.pass_through()
+        token: str = issuer.mint("user-1")
+        return token
+
+    fixed: str = issuer.mint("user-2")
+    async with quick_client(convex) as client:
+        with anyio.fail_after(TEST_TIMEOUT):
+            await client.wait_connected()
+            record = await convex.wait_for_connections(1)
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(client.set_auth, hanging)  # pauses the socket for its fetch
+                await gate.entered.wait()
+                await client.set_auth(fixed)
+                gate.release.set()
+            me = await client.query("users:whoami")
+    assert me["subject"] == "user-2"
+    frames = record.frames_of_type("Authenticate")
+    assert [f.get("value") for f in frames] == [fixed]
+    assert [f["baseVersion"] for f in frames] == [0]
