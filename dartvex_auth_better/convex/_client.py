@@ -335,14 +335,15 @@ class ConvexClient:
           the session is over.
         * ``set_auth(None)``: sign out of Convex (anonymous from now on).
 
-        Calls made after ``set_auth`` go out after its Authenticate.
+        Calls made after ``set_auth`` go out after its Authenticate. A ``set_auth``
+        replaced by a newer one while it fetched its first token returns at once (the
+        newer one is in force).
         """
         self._check_usable()
         if auth is None or isinstance(auth, str):
             self._auth.set_fixed(auth)
             convex_logger.debug("auth token set (%s)", redact(auth))
-            self._core.resume()
-            self._core.send_authenticate()
+            self._send_authenticate_now()
         else:
             generation = self._auth.set_fetcher(auth, initial_token)
             if initial_token is None:
@@ -352,12 +353,21 @@ class ConvexClient:
                 finally:
                     if generation == self._auth.generation:
                         self._core.resume()
+                if generation != self._auth.generation:
+                    return  # superseded: the newer flow owns the gating and the waiting
                 if self._auth.signed_out:
                     raise SessionExpiredError("the token source has no session; sign in")
             else:
-                self._core.resume()
-                self._core.send_authenticate()
+                self._send_authenticate_now()
         await self._auth.add_waiter()
+
+    def _send_authenticate_now(self) -> None:
+        """Send one Authenticate for the token now in force: while the socket is paused
+        for a replaced flow's first token, resuming sends it (then what was held)."""
+        if self._core.paused:
+            self._core.resume()
+        else:
+            self._core.send_authenticate()
 
     async def clear_auth(self) -> None:
         """Stop refreshing and sign out of Convex (anonymous from now on)."""
