@@ -144,6 +144,10 @@ class AuthManager:
     def has_fetcher(self) -> bool:
         return self._fetcher is not None
 
+    def runs(self, fetcher: FetchToken) -> bool:
+        """Whether the flow in force is ``fetcher``'s and still fetching (not signed out)."""
+        return self._fetcher is not None and self._fetcher == fetcher and not self._signed_out_latch
+
     @property
     def awaiting_confirmation(self) -> bool:
         return self._awaiting_version is not None

@@ -142,14 +142,19 @@ class AuthenticatedConvexClient(Generic[SessionT]):
         if generation != self._generation:
             return session  # a newer login or logout took over
         self._pending = session
+        fetch_token = self.provider.fetch_token
         try:
-            await self.client.set_auth(
-                self.provider.fetch_token, initial_token=self.provider.token_of(session)
-            )
+            await self.client.set_auth(fetch_token, initial_token=self.provider.token_of(session))
         except BaseException:
             if generation == self._generation:
+                # The login did not complete (it failed, or its caller went away): nothing
+                # of it may go on. The token sent is withdrawn and no refresh runs for it.
+                was_authenticated = isinstance(self._state.value, Authenticated)
                 self._pending = None
                 self._state.set(Unauthenticated())
+                self.client._abandon_auth(fetch_token)
+                if was_authenticated:
+                    self._emit(AuthEvent.SIGNED_OUT)
             raise
         return session
 

@@ -361,6 +361,16 @@ class ConvexClient:
                 self._send_authenticate_now()
         await self._auth.add_waiter()
 
+    def _abandon_auth(self, fetcher: FetchToken) -> None:
+        """A ``set_auth(fetcher)`` whose caller failed or went away: if its flow is still
+        the one in force, stop it and tell the server the client is anonymous. At once and
+        without waiting for the server, so it works under cancellation too."""
+        if self._core.terminal_error is not None or not self._auth.runs(fetcher):
+            return
+        self._auth.clear()
+        convex_logger.debug("auth withdrawn: its set_auth did not complete")
+        self._send_authenticate_now()
+
     def _send_authenticate_now(self) -> None:
         """Send one Authenticate for the token now in force: while the socket is paused
         for a replaced flow's first token, resuming sends it (then what was held)."""

@@ -253,6 +253,36 @@ async def test_a_session_that_ends_during_logout_is_signed_out_once(
     assert await drained(events) == [AuthEvent.SIGNED_IN, AuthEvent.SIGNED_OUT]
 
 
+async def test_a_login_cancelled_while_awaiting_confirmation_leaves_nothing_running(
+    better_auth_server, convex_server, auth
+):
+    email, _ = await new_account(better_auth_server)
+    provider = ConvexBetterAuthProvider(auth)
+    async with quick_client(convex_server) as client:
+        authed = client.with_auth(provider)
+        events = authed.auth_events()
+        with anyio.fail_after(TEST_TIMEOUT):
+            await client.wait_connected()
+            record = await convex_server.wait_for_connections(1)
+            convex_server.pause()  # the server holds its answer to the Authenticate
+            with anyio.move_on_after(TEST_TIMEOUT) as scope:
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(authed.login, email, PASSWORD)
+                    await record.wait_for_frame(
+                        "Authenticate", predicate=lambda f: f["tokenType"] == "User"
+                    )
+                    scope.cancel()  # the caller gave up
+            convex_server.resume()
+            # The held Authenticate is answered now; the client told the server it is
+            # anonymous after it, and no longer refreshes a login nobody waits for.
+            assert await whoami(authed) is None
+            assert authed.auth_state == Unauthenticated()
+            assert not client._auth.has_fetcher
+            frames = record.frames_of_type("Authenticate")
+            assert [f["tokenType"] for f in frames] == ["User", "None"]
+    assert await drained(events) == []
+
+
 async def test_a_fixed_token_set_while_paused_is_sent_once(issuer, convex):
     gate = Gate()
 
