@@ -129,6 +129,8 @@ class AuthManager:
         # Called when the identity is lost for good (not on an explicit clear): requests
         # made under it must fail rather than run anonymously.
         self.on_identity_lost: Callable[[DartvexError], None] = lambda error: None
+        # Called once when the client closes (or fails for good).
+        self.on_closed: Callable[[], None] = lambda: None
 
     # -- configuration -------------------------------------------------------------------
 
@@ -384,9 +386,18 @@ class AuthManager:
                 return token
 
     def close(self) -> None:
-        """The client is closing: pending fetch loops end with ClientClosedError."""
+        """The client is closing: pending fetch loops end with ClientClosedError, and the
+        auth streams (``refreshing`` and whatever ``on_closed`` ends) stop."""
+        if self._closed.is_set():
+            return
         self._closed.set()
         self._wake.set()
+        self.refreshing.close()
+        self.on_closed()
+
+    @property
+    def closed(self) -> bool:
+        return self._closed.is_set()
 
     async def _fetch_checked(self, force: bool) -> str:
         # Each attempt is bounded well inside the leeway, so one stalled request cannot

@@ -83,8 +83,12 @@ class AuthenticatedConvexClient(Generic[SessionT]):
         self._pending: SessionT | None = None
         self._listeners: set[asyncio.Queue[AuthEvent | None]] = set()
         self._generation = 0
+        self._closed = False
         client._auth.on_confirmed = self._on_confirmed
         client._auth.on_signed_out = self._on_signed_out
+        client._auth.on_closed = self._on_client_closed
+        if client._auth.closed:
+            self._on_client_closed()
 
     def __repr__(self) -> str:
         return f"AuthenticatedConvexClient({self.client!r}, state={self._state.value!r})"
@@ -169,6 +173,14 @@ class AuthenticatedConvexClient(Generic[SessionT]):
         log.info("signed out: the session ended")
         self._signed_out()
 
+    def _on_client_closed(self) -> None:
+        # Every stream ends (after what it already queued): nothing will happen any more.
+        self._closed = True
+        self._state.close()
+        for queue in list(self._listeners):
+            queue.put_nowait(None)
+        self._listeners.clear()
+
     # -- state and events -------------------------------------------------------------------
 
     @property
@@ -176,7 +188,8 @@ class AuthenticatedConvexClient(Generic[SessionT]):
         return self._state.value
 
     def auth_states(self) -> AsyncIterator[AuthState]:
-        """The current auth state, then every change (a slow reader sees the latest)."""
+        """The current auth state, then every change (a slow reader sees the latest). It
+        ends when the client closes."""
         return self._state.changes()
 
     @property
@@ -185,14 +198,18 @@ class AuthenticatedConvexClient(Generic[SessionT]):
         return self.client.is_auth_refreshing
 
     def refreshing_states(self) -> AsyncIterator[bool]:
+        """``is_refreshing`` now, then on every change; ends when the client closes."""
         return self.client.auth_refreshing_states()
 
     def auth_events(self) -> AuthEventStream:
         """Every auth event from this call on, none skipped (it listens from the moment
         it is called, so ``events = authed.auth_events()`` before ``login()`` sees
         SIGNED_IN). Iterate it with ``async for``; ``close()`` or leaving an
-        ``async with`` stops listening."""
-        return AuthEventStream(self._listeners)
+        ``async with`` stops listening. It ends when the client closes."""
+        stream = AuthEventStream(self._listeners)
+        if self._closed:
+            stream.close()
+        return stream
 
     def _emit(self, event: AuthEvent) -> None:
         log.debug("auth event %s", event.value)

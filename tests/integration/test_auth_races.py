@@ -20,6 +20,7 @@ import anyio.lowlevel
 import pytest
 
 from dartvex_auth_better import (
+    Authenticated,
     AuthEvent,
     BetterAuthClient,
     ConvexBetterAuthProvider,
@@ -281,6 +282,46 @@ async def test_a_login_cancelled_while_awaiting_confirmation_leaves_nothing_runn
             frames = record.frames_of_type("Authenticate")
             assert [f["tokenType"] for f in frames] == ["User", "None"]
     assert await drained(events) == []
+
+
+async def test_auth_streams_end_when_the_client_closes(better_auth_server, convex_server, auth):
+    email, _ = await new_account(better_auth_server)
+    provider = ConvexBetterAuthProvider(auth)
+    ended: list[str] = []
+    async with quick_client(convex_server) as client:
+        authed = client.with_auth(provider)
+        with anyio.fail_after(TEST_TIMEOUT):
+            await authed.login(email, PASSWORD)
+            started = asyncio.Event()
+            waiting = 0
+
+            async def consume(name: str, stream: AsyncIterator[Any]) -> None:
+                nonlocal waiting
+                async for _ in stream:
+                    waiting += 1
+                    if waiting == 3:
+                        started.set()
+                ended.append(name)
+
+            events = authed.auth_events()
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(consume, "auth_states", authed.auth_states())
+                tg.start_soon(consume, "refreshing_states", authed.refreshing_states())
+                tg.start_soon(consume, "connection_statuses", authed.connection_statuses())
+                tg.start_soon(consume, "auth_events", events)
+                await started.wait()  # the three state streams yielded their current value
+                await client.aclose()
+            # A stream asked for after the close ends at once too.
+            late = [e async for e in authed.auth_events()]
+            late_states = [s async for s in authed.auth_states()]
+    assert sorted(ended) == [
+        "auth_events",
+        "auth_states",
+        "connection_statuses",
+        "refreshing_states",
+    ]
+    assert late == []
+    assert len(late_states) == 1 and isinstance(late_states[0], Authenticated)
 
 
 async def test_a_fixed_token_set_while_paused_is_sent_once(issuer, convex):
