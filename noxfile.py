@@ -1,4 +1,5 @@
-"""Developer tasks. `nox` with no arguments runs lint, typecheck, tests and docs."""
+"""Developer tasks. `nox` with no arguments runs lint, typecheck, soak (the short pass/fail
+run), bench_smoke (the benchmark harness runs), tests and docs."""
 
 from __future__ import annotations
 
@@ -10,7 +11,9 @@ from pathlib import Path
 
 import nox
 
-nox.options.sessions = ["lint", "typecheck", "tests", "docs"]
+# soak and bench_smoke (about a minute each) before tests, so that pytest's summary stays
+# the last closing line of the run.
+nox.options.sessions = ["lint", "typecheck", "soak", "bench_smoke", "tests", "docs"]
 nox.options.reuse_existing_virtualenvs = True
 
 
@@ -89,14 +92,44 @@ def demo(session: nox.Session) -> None:
 def bench(session: nox.Session) -> None:
     """Benchmarks: ours vs a bare aiohttp floor vs the official PyPI and npm clients, side
     by side on the same local servers (a table, and JSON in .bench/). Options after `--`:
-    `--quick`, `--only roundtrip|throughput|scale|signin|imports`, `--rounds N`."""
+    `--quick`, `--smoke` (quick, then check the harness ran every section and wrote sane
+    JSON; exits non-zero if not), `--only roundtrip|throughput|scale|signin|imports`,
+    `--rounds N`."""
     session.install("-e", ".[dev]")
     session.run("python", "-m", "tests.benchmarks", "bench", *session.posargs)
 
 
 @nox.session
+def bench_smoke(session: nox.Session) -> None:
+    """The benchmark harness runs: `bench --smoke` (small counts; the numbers mean nothing,
+    the run fails only when a section breaks or writes no sane JSON)."""
+    session.install("-e", ".[dev]")
+    session.run(
+        "python",
+        "-m",
+        "tests.benchmarks",
+        "bench",
+        "--smoke",
+        "--json",
+        ".bench/bench-smoke.json",
+        *session.posargs,
+    )
+
+
+@nox.session
 def soak(session: nox.Session) -> None:
     """Endurance under chaos: `nox -s soak -- --minutes N`; with no options, the short
-    pass/fail run (exits non-zero when an invariant breaks)."""
+    pass/fail run (exits non-zero when an invariant breaks; its last line reads
+    `soak: N passed, N failed`)."""
     session.install("-e", ".[dev]")
     session.run("python", "-m", "tests.benchmarks", "soak", *session.posargs)
+
+
+@nox.session
+def profile(session: nox.Session) -> None:
+    """cProfile over our client's hot paths (subscription stream, mutation and query round
+    trips) against the benchmark's servers; prints the top functions by own time and saves
+    .prof files in .bench/profiles/. Options after `--`: `--size small|typical`,
+    `--kind mutation|query`, `--updates N`, `--calls N`, `--top N`, `--out DIR`."""
+    session.install("-e", ".[dev]")
+    session.run("python", "-m", "tests.benchmarks", "profile", *session.posargs)

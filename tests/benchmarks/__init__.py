@@ -1,8 +1,9 @@
-"""Benchmarks and the soak run (``nox -s bench``, ``nox -s soak``); never part of pytest.
+"""Benchmarks, the soak run and the profiler (``nox -s bench``, ``nox -s bench_smoke``,
+``nox -s soak``, ``nox -s profile``); never part of pytest.
 
-``python -m tests.benchmarks bench [--quick] [--only SECTION]`` and
-``python -m tests.benchmarks soak --minutes N`` (``--short`` for the CI-sized pass/fail run).
-Results go to ``.bench/`` as JSON.
+``python -m tests.benchmarks bench [--quick | --smoke] [--only SECTION]``,
+``python -m tests.benchmarks soak [--minutes N]`` (no options: the short CI-sized pass/fail
+run) and ``python -m tests.benchmarks profile``. Results go to ``.bench/`` as JSON.
 """
 
 import os as _os

@@ -20,6 +20,7 @@ import sys
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
+from math import inf
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +39,7 @@ from tests.benchmarks._common import (
 )
 
 HERE = Path(__file__).resolve().parent
+CALL_TIMEOUT = 600.0  # seconds for one contender's part of a round
 
 
 @dataclass
@@ -46,11 +48,14 @@ class Settings:
     calls: int
     updates: int
     scale_clients: int
+    scale_idle: float
+    scale_wave_in: float
     signin_calls: int
     import_runs: int
     sections: list[str]
     json_path: Path
     contenders: list[str] | None = None
+    smoke: bool = False
 
 
 def _verdict(ok: bool | None) -> str:
@@ -99,26 +104,29 @@ class Contenders:
 
     async def roundtrips(self, name: str, kind: str, n: int) -> list[float]:
         url, token = self.servers["convex_url"], self.servers["token"]
-        if name == "ours":
-            return await _inproc.ours_roundtrips(url, token, kind, n)
-        if name == "floor":
-            return await _inproc.floor_roundtrips(url, token, kind, n)
+        if name in ("ours", "floor"):
+            run = _inproc.ours_roundtrips if name == "ours" else _inproc.floor_roundtrips
+            # The same bound as a driver's answer: a stuck client fails the run, never
+            # hangs it.
+            async with asyncio.timeout(CALL_TIMEOUT):
+                return await run(url, token, kind, n)
         helper = self.pypi if name == "pypi" else self.npm
         assert helper is not None
         request = {"op": "rt", "url": url, "token": token, "kind": kind, "n": n}
-        answer = await helper.call(request, timeout=600)
+        answer = await helper.call(request, timeout=CALL_TIMEOUT)
         return [float(x) for x in answer["latencies"]]
 
     async def feed(self, name: str, size: str, n: int) -> tuple[float, int, bool]:
         """(seconds, values the consumer saw, final value delivered)."""
         url = self.servers["push_url"]
         if name in ("ours", "floor"):
-            run = _inproc.ours_throughput if name == "ours" else _inproc.floor_throughput
-            elapsed, seen, final = await run(url, size, n)
+            feed = _inproc.ours_throughput if name == "ours" else _inproc.floor_throughput
+            async with asyncio.timeout(CALL_TIMEOUT):
+                elapsed, seen, final = await feed(url, size, n)
             return elapsed, seen, isinstance(final, dict) and final.get("seq") == n - 1
         helper = self.pypi if name == "pypi" else self.npm
         assert helper is not None
-        answer = await helper.call({"op": "feed", "url": url, "size": size, "n": n}, 600)
+        answer = await helper.call({"op": "feed", "url": url, "size": size, "n": n}, CALL_TIMEOUT)
         final_seq = answer.get("final_seq")
         return float(answer["elapsed"]), int(answer["seen"]), final_seq == n - 1
 
@@ -153,9 +161,54 @@ def _collect(results: dict[str, list[dict[str, float]]], key: str) -> dict[str, 
 def _ratio_spread(
     results: dict[str, list[dict[str, float]]], key: str, a: str, b: str
 ) -> Spread | None:
+    """a/b per round (rounds are paired: both ran in the same round), as a Spread."""
     if a not in results or b not in results or not results[b]:
         return None
-    return spread(x[key] / y[key] for x, y in zip(results[a], results[b], strict=True))
+    return spread(
+        x[key] / y[key] if y[key] else float("nan")
+        for x, y in zip(results[a], results[b], strict=True)
+    )
+
+
+PEERS = ("floor", "pypi", "npm")
+
+
+def _ratios(
+    results: dict[str, list[dict[str, float]]], keys: Sequence[str]
+) -> dict[str, dict[str, Spread]]:
+    """``{"ours/<peer>": {key: per-round ratio}}`` for every peer that ran."""
+    out: dict[str, dict[str, Spread]] = {}
+    for peer in PEERS:
+        per_key = {}
+        for key in keys:
+            ratio = _ratio_spread(results, key, "ours", peer)
+            if ratio is not None:
+                per_key[key] = ratio
+        if per_key:
+            out[f"ours/{peer}"] = per_key
+    return out
+
+
+def _ratios_json(ratios: dict[str, dict[str, Spread]]) -> dict[str, dict[str, Any]]:
+    return {pair: {k: v.as_json() for k, v in keys.items()} for pair, keys in ratios.items()}
+
+
+def _ratio_rows(
+    title: str,
+    ratios: dict[str, dict[str, Spread]],
+    columns: dict[str, str],
+    targets: dict[str, tuple[str, Callable[[dict[str, Spread]], bool]]],
+) -> list[Row]:
+    """One row per peer; ``columns`` maps a figure's key to its column's name."""
+    rows: list[Row] = []
+    for pair, per_key in ratios.items():
+        values: dict[str, Spread | float | str] = {columns[k]: v for k, v in per_key.items()}
+        target, verdict = "", ""
+        if pair in targets:
+            target, check = targets[pair]
+            verdict = _verdict(check(per_key))
+        rows.append(Row(title, pair, values, "x", target, verdict))
+    return rows
 
 
 # -- sections ---------------------------------------------------------------------------------
@@ -170,35 +223,20 @@ async def section_roundtrip(c: Contenders, s: Settings, out: dict[str, Any]) -> 
             return {"p50": percentile(latencies, 50), "p99": percentile(latencies, 99)}
 
         results = await _rounds(c.names(), s.rounds, run, f"{kind} round trip")
-        p50 = _collect(results, "p50")
-        p99 = _collect(results, "p99")
-        vs_floor = _ratio_spread(results, "p50", "ours", "floor")
-        vs_pypi = _ratio_spread(results, "p50", "ours", "pypi")
         title = f"{kind} round trip, {s.calls} sequential calls"
-        rows.append(Row(title, "p50", dict(p50), "us"))
-        rows.append(Row(title, "p99", dict(p99), "us"))
-        if vs_floor is not None:
-            rows.append(
-                Row(
-                    title,
-                    "ours/floor p50",
-                    {"ratio": vs_floor},
-                    "x",
-                    "<= 1.15",
-                    _verdict(vs_floor.median <= 1.15),
-                )
-            )
-        if vs_pypi is not None:
-            rows.append(
-                Row(
-                    title,
-                    "ours/pypi p50",
-                    {"ratio": vs_pypi},
-                    "x",
-                    "<= 1.00",
-                    _verdict(vs_pypi.median <= 1.0),
-                )
-            )
+        rows.append(Row(title, "p50", dict(_collect(results, "p50")), "us"))
+        rows.append(Row(title, "p99", dict(_collect(results, "p99")), "us"))
+        ratios = _ratios(results, ("p50", "p99"))
+        rows += _ratio_rows(
+            title,
+            ratios,
+            {"p50": "ratio p50", "p99": "ratio p99"},
+            {
+                "ours/floor": ("p50 <= 1.15", lambda r: r["p50"].median <= 1.15),
+                "ours/pypi": ("p50 <= 1.00", lambda r: r["p50"].median <= 1.0),
+            },
+        )
+        out[f"{kind}_roundtrip_ratios"] = _ratios_json(ratios)
         out[f"{kind}_roundtrip"] = results
     return rows
 
@@ -213,6 +251,12 @@ async def section_throughput(c: Contenders, s: Settings, out: dict[str, Any]) ->
 
         results = await _rounds(c.names(), s.rounds, run, f"throughput {size}")
         title = f"subscription throughput, {s.updates} Transitions, {size} values"
+        frames = c.servers.get("frame_bytes", {}).get(size)
+        if frames:
+            title += (
+                f", {frames['message_min']:.0f}-{frames['message_max']:.0f} B frames"
+                f" ({frames['wire_mean']:.0f} B on the wire)"
+            )
         rows.append(
             Row(title, "updates processed per second", dict(_collect(results, "rate")), "/s")
         )
@@ -231,30 +275,17 @@ async def section_throughput(c: Contenders, s: Settings, out: dict[str, Any]) ->
                 _verdict(finals.get("ours") == "all"),
             )
         )
-        vs_floor = _ratio_spread(results, "rate", "ours", "floor")
-        vs_pypi = _ratio_spread(results, "rate", "ours", "pypi")
-        if vs_floor is not None:
-            rows.append(
-                Row(
-                    title,
-                    "ours/floor rate",
-                    {"ratio": vs_floor},
-                    "x",
-                    ">= 0.70",
-                    _verdict(vs_floor.median >= 0.7),
-                )
-            )
-        if vs_pypi is not None:
-            rows.append(
-                Row(
-                    title,
-                    "ours/pypi rate",
-                    {"ratio": vs_pypi},
-                    "x",
-                    ">= 1.50",
-                    _verdict(vs_pypi.median >= 1.5),
-                )
-            )
+        ratios = _ratios(results, ("rate",))
+        rows += _ratio_rows(
+            title,
+            ratios,
+            {"rate": "ratio rate"},
+            {
+                "ours/floor": ("rate >= 0.70", lambda r: r["rate"].median >= 0.7),
+                "ours/pypi": ("rate >= 1.50", lambda r: r["rate"].median >= 1.5),
+            },
+        )
+        out[f"throughput_{size}_ratios"] = _ratios_json(ratios)
         out[f"throughput_{size}"] = results
     return rows
 
@@ -262,7 +293,12 @@ async def section_throughput(c: Contenders, s: Settings, out: dict[str, Any]) ->
 async def section_scale(s: Settings, out: dict[str, Any]) -> list[Row]:
     from tests.benchmarks import _scale
 
-    results = await _scale.run_scale(s.scale_clients, rounds=max(1, min(s.rounds, 3)))
+    results = await _scale.run_scale(
+        s.scale_clients,
+        rounds=max(1, min(s.rounds, 3)),
+        idle=s.scale_idle,
+        wave_in=s.scale_wave_in,
+    )
     out["scale"] = results
     return _scale.rows(results, s.scale_clients)
 
@@ -295,17 +331,26 @@ async def run_bench(s: Settings) -> int:
             "calls": s.calls,
             "updates": s.updates,
             "scale_clients": s.scale_clients,
+            "scale_idle_seconds": s.scale_idle,
+            "scale_wave_in_seconds": s.scale_wave_in,
             "signin_calls": s.signin_calls,
             "import_runs": s.import_runs,
         },
     }
     rows: list[Row] = []
     started = time.perf_counter()
+    timings: dict[str, float] = {}
+    out["section_seconds"] = timings
+
+    def timed(name: str, since: float) -> None:
+        timings[name] = time.perf_counter() - since
+
     needs_servers = any(x in s.sections for x in ("roundtrip", "throughput"))
     servers: Helper | None = None
     contenders: Contenders | None = None
     try:
         if needs_servers:
+            t0 = time.perf_counter()
             servers = Helper(
                 "servers",
                 [sys.executable, "-m", "tests.benchmarks._servers", str(s.updates)],
@@ -317,36 +362,103 @@ async def run_bench(s: Settings) -> int:
             contenders.only = s.contenders
             await contenders.start()
             out["unavailable"] = contenders.unavailable
+            out["contenders"] = contenders.names()
+            out["throughput_frame_bytes"] = info.get("frame_bytes", {})
+            timed("start servers and drivers", t0)
         if "roundtrip" in s.sections and contenders is not None:
             print("round trips...", file=sys.stderr, flush=True)
+            t0 = time.perf_counter()
             rows += await section_roundtrip(contenders, s, out)
+            timed("roundtrip", t0)
         if "throughput" in s.sections and contenders is not None:
             print("subscription throughput...", file=sys.stderr, flush=True)
+            t0 = time.perf_counter()
             rows += await section_throughput(contenders, s, out)
             assert servers is not None
             out["push_stats"] = await servers.call({"op": "push_stats"}, 30)
+            timed("throughput", t0)
     finally:
         if contenders is not None:
             await contenders.stop()
         if servers is not None:
             await servers.stop()
-    if "scale" in s.sections:
-        print("scale...", file=sys.stderr, flush=True)
-        rows += await section_scale(s, out)
-    if "signin" in s.sections:
-        print("sign-in...", file=sys.stderr, flush=True)
-        rows += await section_signin(s, out)
-    if "imports" in s.sections:
-        print("imports...", file=sys.stderr, flush=True)
-        rows += await section_imports(s, out)
+    later: list[tuple[str, Callable[[Settings, dict[str, Any]], Awaitable[list[Row]]]]] = [
+        ("scale", section_scale),
+        ("signin", section_signin),
+        ("imports", section_imports),
+    ]
+    for name, section in later:
+        if name in s.sections:
+            print(f"{name}...", file=sys.stderr, flush=True)
+            t0 = time.perf_counter()
+            rows += await section(s, out)
+            timed(name, t0)
     out["rows"] = [row.as_json() for row in rows]
     out["seconds"] = time.perf_counter() - started
     table = render_table(rows)
     print(table)
     s.json_path.parent.mkdir(parents=True, exist_ok=True)
     s.json_path.write_text(json.dumps(out, indent=1, default=str))
-    print(f"results written to {s.json_path}")
+    print(f"results written to {s.json_path} ({out['seconds']:.0f} s)")
+    if s.smoke:
+        return smoke_check(s)
     return 0
+
+
+# The sections' titles start with these words (how the smoke check finds their rows).
+_SECTION_TITLES = {
+    "roundtrip": ("mutation round trip", "query round trip"),
+    "throughput": ("subscription throughput",),
+    "scale": ("scale:",),
+    "signin": ("sign-in",),
+    "imports": ("import time",),
+}
+
+
+def smoke_check(s: Settings) -> int:
+    """Read the JSON back and check that the harness did its job: every section has rows,
+    every figure of ours is a finite number, every contender ran, our client delivered
+    every final value. Prints ``bench smoke: N passed, N failed``; non-zero when any
+    failed. (Performance targets are not checked: a quick run's numbers mean nothing.)"""
+    data = json.loads(s.json_path.read_text())
+    rows: list[dict[str, Any]] = data.get("rows", [])
+    checks: dict[str, bool] = {}
+    for section in s.sections:
+        prefixes = _SECTION_TITLES[section]
+        found = [r for r in rows if r["section"].startswith(prefixes)]
+        checks[f"{section}: has rows"] = bool(found)
+
+    def finite(value: Any) -> bool:
+        number = value.get("median") if isinstance(value, dict) else value
+        return isinstance(number, int | float) and number == number and abs(number) != inf
+
+    bad = [
+        f"{r['section']} / {r['metric']}"
+        for r in rows
+        for name, value in r["values"].items()
+        if (name == "ours" or name.startswith("ratio")) and not isinstance(value, str)
+        if not finite(value)
+    ]
+    checks["every figure of ours and every ratio is a finite number"] = not bad
+    if any(x in s.sections for x in ("roundtrip", "throughput")):
+        wanted = s.contenders or ["ours", "floor", "pypi", "npm"]
+        ran = data.get("contenders", [])
+        checks[f"contenders ran: {', '.join(wanted)}"] = all(w in ran for w in wanted)
+    finals = [r for r in rows if r["metric"] == "final value delivered"]
+    if "throughput" in s.sections:
+        checks["ours delivered every final value"] = bool(finals) and all(
+            r["values"].get("ours") == "all" for r in finals
+        )
+    failed = [name for name, ok in checks.items() if not ok]
+    print("-- bench smoke checks --")
+    for name, ok in checks.items():
+        print(f"{'PASS' if ok else 'FAIL'}  {name}")
+    for item in bad[:10]:
+        print(f"      not finite: {item}")
+    if data.get("unavailable"):
+        print(f"      unavailable: {data['unavailable']}")
+    print(f"bench smoke: {len(checks) - len(failed)} passed, {len(failed)} failed")
+    return 1 if failed else 0
 
 
 def parse(argv: Sequence[str]) -> Settings:
@@ -355,6 +467,15 @@ def parse(argv: Sequence[str]) -> Settings:
     parser.add_argument("--calls", type=int, default=2000)
     parser.add_argument("--updates", type=int, default=20_000)
     parser.add_argument("--clients", type=int, default=1000)
+    parser.add_argument(
+        "--scale-idle", type=float, default=10.0, help="idle-CPU window of the scale run (s)"
+    )
+    parser.add_argument(
+        "--scale-wave-in",
+        type=float,
+        default=25.0,
+        help="the refresh wave's common token expiry, this many seconds ahead (0: no wave)",
+    )
     parser.add_argument("--signin-calls", type=int, default=40)
     parser.add_argument("--import-runs", type=int, default=10)
     parser.add_argument(
@@ -363,24 +484,35 @@ def parse(argv: Sequence[str]) -> Settings:
     parser.add_argument(
         "--quick", action="store_true", help="small counts for a smoke run (not for reporting)"
     )
+    parser.add_argument(
+        "--smoke",
+        action="store_true",
+        help="--quick, then check that every section ran and wrote sane JSON (exit 1 if not)",
+    )
     parser.add_argument("--json", type=Path, default=RESULTS_DIR / "bench.json")
     parser.add_argument(
         "--contenders", help="comma-separated subset of ours,floor,pypi,npm (default: all)"
     )
     args = parser.parse_args(argv)
+    if args.smoke:
+        args.quick = True
     if args.quick:
         args.rounds, args.calls, args.updates = 2, 200, 2000
         args.clients, args.signin_calls, args.import_runs = 100, 5, 3
+        args.scale_idle, args.scale_wave_in = 2.0, 8.0
     return Settings(
         rounds=args.rounds,
         calls=args.calls,
         updates=args.updates,
         scale_clients=args.clients,
+        scale_idle=args.scale_idle,
+        scale_wave_in=args.scale_wave_in,
         signin_calls=args.signin_calls,
         import_runs=args.import_runs,
         sections=list(args.only or SECTIONS),
         json_path=args.json,
         contenders=args.contenders.split(",") if args.contenders else None,
+        smoke=args.smoke,
     )
 
 

@@ -327,7 +327,23 @@ async def run_scale(
             print(f"  scale: round {index + 1}/{rounds} done", file=sys.stderr, flush=True)
     finally:
         await servers.stop()
-    return {"clients": n, "idle_window_seconds": idle, "runs": results}
+    out: dict[str, Any] = {"clients": n, "idle_window_seconds": idle, "runs": results}
+    out["ratios"] = {k: v.as_json() for k, v in ratios(results).items()}
+    return out
+
+
+RATIO_KEYS = ("connect_seconds", "bytes_per_client", "idle_cpu")
+
+
+def ratios(runs: dict[str, list[dict[str, Any]]]) -> dict[str, Spread]:
+    """ours/floor per round (the two ran in the same round) for each figure."""
+    out: dict[str, Spread] = {}
+    for key in RATIO_KEYS:
+        out[key] = spread(
+            o[key] / f[key] if f[key] else float("nan")
+            for o, f in zip(runs["ours"], runs["floor"], strict=True)
+        )
+    return out
 
 
 def rows(results: dict[str, Any], n: int) -> list[Row]:
@@ -340,8 +356,14 @@ def rows(results: dict[str, Any], n: int) -> list[Row]:
     memory = col("bytes_per_client", 1 / 1024)
     ours_kib = memory["ours"]
     assert isinstance(ours_kib, Spread)
+    ratio = ratios(runs)
+
+    def vs_floor(key: str) -> dict[str, Spread | float | str]:
+        return {"ratio": ratio[key]}
+
     out = [
         Row(title, "time to connect all", col("connect_seconds"), "s"),
+        Row(title, "time to connect all: ours/floor", vs_floor("connect_seconds"), "x"),
         Row(
             title,
             "memory per client",
@@ -350,7 +372,9 @@ def rows(results: dict[str, Any], n: int) -> list[Row]:
             "< 32",
             "PASS" if ours_kib.median < 32 else "MISS",
         ),
+        Row(title, "memory per client: ours/floor", vs_floor("bytes_per_client"), "x"),
         Row(title, "idle CPU (one core = 100)", col("idle_cpu", 100.0), "%"),
+        Row(title, "idle CPU: ours/floor", vs_floor("idle_cpu"), "x"),
     ]
     waves = [r["wave"] for r in runs["ours"] if "wave" in r]
     if waves:

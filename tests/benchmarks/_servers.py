@@ -54,27 +54,36 @@ def ws_frame(payload: bytes) -> bytes:
     return header + payload
 
 
-# The two value shapes of the throughput run: "small" is about 200 bytes of JSON, "typical"
-# about 1.3 KB (a 20-item list of documents).
-_SMALL: Final[dict[str, Any]] = {
-    "_id": "tasks_000000001",
-    "_creationTime": 1712345678901.25,
-    "title": "Write the benchmark harness",
-    "done": False,
-    "owner": "user_0001",
-    "priority": 2,
-    "tags": ["bench", "protocol", "asyncio"],
-}
+# The two value shapes of the throughput run, sized by the whole Transition frame (the
+# WebSocket message), since the envelope around one QueryUpdated (versions, timestamps,
+# logLines, journal) is itself about 240 bytes:
+# * "small": the value is just the sequence number, the smallest frame one query's update
+#   can be (about 245-250 bytes; "about 200 bytes" is not reachable with a valid frame);
+# * "typical": a 16-item list of documents, a frame of about 1.3 KB.
+# The exact sizes are measured when the stream is built and reported (``frame_bytes``).
 _TYPICAL_ITEMS: Final[list[dict[str, Any]]] = [
     {"_id": f"msgs_{i:04d}", "_creationTime": 1712345678901 + i, "body": f"msg {i:02d}"}
-    for i in range(20)
+    for i in range(16)
 ]
 
 
 def feed_value(size: str, seq: int) -> dict[str, Any]:
     if size == "small":
-        return {"seq": seq, **_SMALL}
+        return {"seq": seq}
     return {"seq": seq, "items": _TYPICAL_ITEMS}
+
+
+def _frame_stats(payload_sizes: list[int]) -> dict[str, float]:
+    """Sizes of the frames of one stream: the JSON message, and on the wire (plus the
+    WebSocket header)."""
+    wire = [n + (2 if n < 126 else 4 if n < 65536 else 10) for n in payload_sizes]
+    return {
+        "frames": float(len(payload_sizes)),
+        "message_min": float(min(payload_sizes)),
+        "message_mean": sum(payload_sizes) / len(payload_sizes),
+        "message_max": float(max(payload_sizes)),
+        "wire_mean": sum(wire) / len(wire),
+    }
 
 
 def _version(query_set: int, identity: int, ts: int) -> dict[str, Any]:
@@ -88,6 +97,7 @@ class PushServer:
         self._cache: dict[tuple[Any, ...], bytes] = {}
         self.streams = 0
         self.cache_misses = 0
+        self.frame_bytes: dict[str, dict[str, float]] = {}
 
     def app(self) -> web.Application:
         app = web.Application()
@@ -102,29 +112,29 @@ class PushServer:
         blob = self._cache.get(key)
         if blob is None:
             self.cache_misses += 1
-            blob = b"".join(
-                ws_frame(
-                    msgspec.json.encode(
-                        {
-                            "type": "Transition",
-                            "startVersion": _version(
-                                qs_from if i == 0 else qs_to, identity, ts_from + i
-                            ),
-                            "endVersion": _version(qs_to, identity, ts_from + i + 1),
-                            "modifications": [
-                                {
-                                    "type": "QueryUpdated",
-                                    "queryId": qid,
-                                    "value": feed_value(size, i),
-                                    "logLines": [],
-                                    "journal": None,
-                                }
-                            ],
-                        }
-                    )
+            messages = [
+                msgspec.json.encode(
+                    {
+                        "type": "Transition",
+                        "startVersion": _version(
+                            qs_from if i == 0 else qs_to, identity, ts_from + i
+                        ),
+                        "endVersion": _version(qs_to, identity, ts_from + i + 1),
+                        "modifications": [
+                            {
+                                "type": "QueryUpdated",
+                                "queryId": qid,
+                                "value": feed_value(size, i),
+                                "logLines": [],
+                                "journal": None,
+                            }
+                        ],
+                    }
                 )
                 for i in range(n)
-            )
+            ]
+            blob = b"".join(ws_frame(m) for m in messages)
+            self.frame_bytes[size] = _frame_stats([len(m) for m in messages])
             self._cache[key] = blob
         return blob
 
@@ -301,6 +311,7 @@ async def main() -> None:
                     "push_url": f"http://127.0.0.1:{push_port}",
                     "token_url": f"http://127.0.0.1:{token_port}/token",
                     "token": issuer.mint("bench-user", ttl=6 * 3600, email="bench@example.com"),
+                    "frame_bytes": push.frame_bytes,
                 }
             )
             reader = await stdin_lines()
@@ -313,7 +324,13 @@ async def main() -> None:
                     tokens.arrivals = []
                     emit({"ok": True})
                 elif op == "push_stats":
-                    emit({"streams": push.streams, "cache_misses": push.cache_misses})
+                    emit(
+                        {
+                            "streams": push.streams,
+                            "cache_misses": push.cache_misses,
+                            "frame_bytes": push.frame_bytes,
+                        }
+                    )
                 elif op == "convex_stats":
                     emit(
                         {

@@ -14,12 +14,17 @@ Two processes, loopback only:
   ``set_auth(fetcher)`` against the token endpoint, one subscription to its own counter and
   a loop of sequential mutations (each tagged with client and sequence number).
 
-At the end the chaos stops, every mutation loop finishes, each subscription must reach the
-server's final value for its counter, and every client is closed. Invariants (the run
+At the end the chaos stops, every mutation loop finishes (this "drain" can take tens of
+seconds: a client whose token fetches failed through a burst waits out the SDK's fetch
+retry backoff, up to 30 s with jitter, before it can reconnect; ``drain_slowest`` and
+``drain_stragglers`` in the report show who waited and in what state), each subscription
+must reach the server's final value for its counter, and every client is closed. Invariants (the run
 exits non-zero when one breaks): expired tokens sent = 0; mutations sent = applied, each
 exactly once; no mutation call failed; every subscription ended on the right value; no
 task and no socket left after close. Reported besides: token refreshes, injected token
-failures, AuthErrors, reconnects, chaos events, peak memory.
+failures, the AuthErrors the server sent (counted by the server process, by kind),
+reconnects, chaos events, peak memory. The last line is ``soak: N passed, N failed`` over
+the invariants (``soak: 0 passed, 1 failed`` when the run broke before checking them).
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ import logging
 import random
 import sys
 import time
+import traceback
 from collections import Counter
 from collections.abc import Sequence
 from typing import Any
@@ -78,6 +84,38 @@ class SoakServer:
         self.rejected_tokens = 0
         self.chaos_task: asyncio.Task[None] | None = None
         self.restart_lock = asyncio.Lock()
+        self.auth_errors_sent: Counter[str] = Counter()
+        self._count_auth_errors()
+
+    def _count_auth_errors(self) -> None:
+        """Count every AuthError frame this process writes to a socket, by its error's
+        text up to the first colon (``TokenExpired``, ...).
+
+        LocalConvex has no counter of the AuthErrors it sends (it records the tokens it
+        receives, and whether each verified, but not the frames it answers with), so this
+        wraps aiohttp's ``WebSocketResponse.send_frame`` for the whole server process,
+        where LocalConvex is the only WebSocket server: a frame counts once aiohttp has
+        written it (one on a socket that is already gone raises instead).
+        """
+        from aiohttp import WSMsgType, web
+
+        original = web.WebSocketResponse.send_frame
+        counts = self.auth_errors_sent
+
+        async def send_frame(
+            ws: web.WebSocketResponse,
+            message: bytes,
+            opcode: WSMsgType,
+            compress: int | None = None,
+        ) -> None:
+            await original(ws, message, opcode, compress)
+            if opcode is WSMsgType.TEXT and b'"AuthError"' in message:
+                frame = msgspec.json.decode(message)
+                if isinstance(frame, dict) and frame.get("type") == "AuthError":
+                    error = str(frame.get("error", ""))
+                    counts[error.split(":", 1)[0].strip()[:60] or "(empty)"] += 1
+
+        setattr(web.WebSocketResponse, "send_frame", send_frame)  # noqa: B010
 
     def _token_fault(self) -> str | None:
         return self.burst_mode if time.time() < self.burst_until else None
@@ -218,6 +256,8 @@ class SoakServer:
             "tokens_received": self.tokens_received,
             "expired_tokens_sent": self.expired_tokens,
             "rejected_tokens": self.rejected_tokens,
+            "auth_errors_sent": sum(self.auth_errors_sent.values()),
+            "auth_errors_sent_by_kind": dict(self.auth_errors_sent),
             "peak_rss": peak_rss_bytes(),
         }
 
@@ -268,6 +308,14 @@ class _CountingHandler(logging.Handler):
         self.counts[str(record.msg)] += 1
 
 
+def _status(c: SoakClient) -> str:
+    status = c.client.connection_status
+    return (
+        f"c{c.index}: {status.state.value}, connections {status.connection_count}, "
+        f"retries {status.connection_retries}, mutations in flight {status.inflight_mutations}"
+    )
+
+
 class SoakClient:
     def __init__(
         self,
@@ -294,6 +342,7 @@ class SoakClient:
         self.value_changed = asyncio.Event()
         self.stop = asyncio.Event()
         self.loop_done = asyncio.Event()
+        self.done_at: float | None = None  # perf_counter when the mutation loop ended
         self.finished = finished
 
     async def fetch(self, force: bool) -> str | None:
@@ -333,6 +382,7 @@ class SoakClient:
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(self.rng.uniform(0.05, 0.4)):
                         await self.stop.wait()
+            self.done_at = time.perf_counter()
             self.loop_done.set()
             await self.finished.wait()
             watcher.cancel()
@@ -391,36 +441,73 @@ async def soak(seconds: float, short: bool, seed: int, clients: int) -> dict[str
             # Every loop finishes its last mutation (all of them must land).
             drain_started = time.perf_counter()
             liveness_ok = True
+            all_done = asyncio.gather(*(c.loop_done.wait() for c in fleet))
+            # A client still in its last mutation 3 s after the chaos stopped is a
+            # straggler: what its connection looked like then goes in the report.
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(3.0):
+                    await asyncio.shield(all_done)
+            stragglers = [c for c in fleet if not c.loop_done.is_set()]
+            report["drain_stragglers"] = len(stragglers)
+            report["drain_stragglers_sample"] = [_status(c) for c in stragglers[:5]]
             try:
-                async with asyncio.timeout(120):
-                    await asyncio.gather(*(c.loop_done.wait() for c in fleet))
+                async with asyncio.timeout(117):
+                    await all_done
             except TimeoutError:
                 liveness_ok = False
             report["drain_seconds"] = time.perf_counter() - drain_started
+            report["drain_slowest"] = sorted(
+                (round(c.done_at - drain_started, 2), f"c{c.index}")
+                for c in fleet
+                if c.done_at is not None
+            )[-5:]
             stats = await server.call({"op": "stats"}, 60)
             truth = stats["truth"]
-            # Each subscription must reach the server's final value for its counter.
-            right = 0
-            wrong: list[str] = []
-            for c in fleet:
-                want = truth.get(str(c.index), {"n": 0, "last": -1})
+            # Each subscription must reach the server's final value for its counter, all
+            # within one 30-second window (waited for together, so a broken run fails in
+            # 30 s, not 30 s per client).
+            deadline = asyncio.get_running_loop().time() + 30.0
+
+            async def reaches(c: SoakClient, want: dict[str, int]) -> bool:
                 try:
-                    async with asyncio.timeout(30):
+                    async with asyncio.timeout_at(deadline):
                         while c.last_value != want:
                             c.value_changed.clear()
                             await c.value_changed.wait()
-                    right += 1
                 except TimeoutError:
-                    wrong.append(f"c{c.index}: saw {c.last_value}, want {want}")
+                    return False
+                return True
+
+            wants = [truth.get(str(c.index), {"n": 0, "last": -1}) for c in fleet]
+            oks = await asyncio.gather(*(reaches(c, w) for c, w in zip(fleet, wants, strict=True)))
+            right = sum(oks)
+            wrong = [
+                f"c{c.index}: saw {c.last_value}, want {want}"
+                for c, want, ok in zip(fleet, wants, oks, strict=True)
+                if not ok
+            ]
             reconnects = sum(max(c.client.connection_status.connection_count - 1, 0) for c in fleet)
             finished.set()
-            results = await asyncio.gather(*runs, return_exceptions=True)
+            try:
+                # Closing is bounded too: a client that cannot close fails the run.
+                async with asyncio.timeout(60):
+                    results = await asyncio.gather(*runs, return_exceptions=True)
+            except TimeoutError:
+                results = [TimeoutError("a client did not close within 60 s")]
             run_errors = [repr(r) for r in results if isinstance(r, BaseException)]
         await asyncio.sleep(0.5)  # aiohttp's connector closes transports on the next tick
         tasks_left = [
             t for t in asyncio.all_tasks() - baseline_tasks if t is not asyncio.current_task()
         ]
+        # A closed transport's file descriptor goes when the loop gets to it; a busy
+        # machine may need longer than the half second. A socket still open after 5 s
+        # more is a leak.
+        settle_started = time.perf_counter()
         sockets_left = open_sockets() - baseline_sockets
+        while sockets_left > 0 and time.perf_counter() - settle_started < 5.0:
+            await asyncio.sleep(0.1)
+            sockets_left = open_sockets() - baseline_sockets
+        report["socket_settle_seconds"] = 0.5 + time.perf_counter() - settle_started
         # Mutations: sent vs applied, exactly once.
         applied: dict[str, list[int]] = stats["applied"]
         sent_total = sum(len(c.sent) for c in fleet)
@@ -430,9 +517,6 @@ async def soak(seconds: float, short: bool, seed: int, clients: int) -> dict[str
         ]
         failed_calls = [f for c in fleet for f in c.failed]
         counts = handler.counts
-        auth_errors = sum(
-            n for msg, n in counts.items() if "rejected the token" in msg or "AuthError" in msg
-        )
         report.update(
             {
                 "chaos_events": stats["events"],
@@ -440,7 +524,9 @@ async def soak(seconds: float, short: bool, seed: int, clients: int) -> dict[str
                 "token_fetch_failures": sum(c.fetch_failed for c in fleet),
                 "token_failures_injected": stats["token_failures_injected"],
                 "tokens_received_by_server": stats["tokens_received"],
-                "auth_errors": auth_errors,
+                # Counted by the server as it sent them (not from the clients' logs).
+                "auth_errors_sent": stats["auth_errors_sent"],
+                "auth_errors_sent_by_kind": stats["auth_errors_sent_by_kind"],
                 "rejected_tokens": stats["rejected_tokens"],
                 "expired_tokens_sent": stats["expired_tokens_sent"],
                 "reconnects": reconnects,
@@ -489,7 +575,8 @@ def _print(report: dict[str, Any]) -> None:
         "token_refreshes",
         "token_fetch_failures",
         "token_failures_injected",
-        "auth_errors",
+        "auth_errors_sent",
+        "auth_errors_sent_by_kind",
         "rejected_tokens",
         "expired_tokens_sent",
         "reconnects",
@@ -498,6 +585,11 @@ def _print(report: dict[str, Any]) -> None:
         "mutations_applied_twice",
         "mutation_calls_failed",
         "subscriptions_right",
+        "startup_seconds",
+        "drain_seconds",
+        "drain_slowest",
+        "drain_stragglers",
+        "drain_stragglers_sample",
         "tasks_left",
         "sockets_left",
         "peak_rss_client_mib",
@@ -535,14 +627,27 @@ def main(argv: Sequence[str]) -> int:
     short = args.short or args.minutes is None
     seconds = SHORT_SECONDS if short else float(args.minutes) * 60
     seed = args.seed if args.seed is not None else random.randrange(1 << 30)
-    report = asyncio.run(soak(seconds, short, seed, args.clients))
+    started = time.perf_counter()
+    try:
+        report = asyncio.run(soak(seconds, short, seed, args.clients))
+    except Exception as exc:
+        # The run broke before it could check its invariants (a helper died, a timeout):
+        # that is a failure too, and says so in the same closing line.
+        traceback.print_exc()
+        print(f"soak: the run itself failed (seed {seed}): {type(exc).__name__}: {exc}")
+        print("soak: 0 passed, 1 failed")
+        return 1
     report["seed"] = seed
+    report["wall_seconds"] = time.perf_counter() - started
     _print(report)
     RESULTS_DIR.mkdir(exist_ok=True)
     with open(args.json, "w") as f:
         json.dump(report, f, indent=1, default=str)
-    print(f"results written to {args.json} (seed {seed})")
-    return 0 if all(report["invariants"].values()) else 1
+    print(f"results written to {args.json} (seed {seed}, {report['wall_seconds']:.0f} s)")
+    outcomes = list(report["invariants"].values())
+    passed = sum(1 for ok in outcomes if ok)
+    print(f"soak: {passed} passed, {len(outcomes) - passed} failed")
+    return 0 if passed == len(outcomes) else 1
 
 
 if __name__ == "__main__":
