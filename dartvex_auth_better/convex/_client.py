@@ -277,9 +277,13 @@ class ConvexClient:
     def connection_status(self) -> ConnectionStatus:
         return self._snapshot()
 
-    def connection_statuses(self) -> AsyncIterator[ConnectionStatus]:
+    async def connection_statuses(self) -> AsyncIterator[ConnectionStatus]:
         """The current status, then every change (a slow reader sees the latest)."""
-        return self._status.changes()
+        if self._core.terminal_error is None:
+            # Counters are published only while someone watches: bring them up to date.
+            self._status.set(self._snapshot())
+        async for status in self._status.changes():
+            yield status
 
     async def wait_connected(self) -> None:
         """Wait until a socket is open (raises if the client is closed or failed)."""

@@ -111,6 +111,19 @@ def ws_log(caplog: pytest.LogCaptureFixture) -> pytest.LogCaptureFixture:
     return caplog
 
 
+# -- the status stream ----------------------------------------------------------------------
+
+
+async def test_the_status_stream_starts_with_the_status_now():
+    async with running() as (_, client):
+        # Synced while nobody watched the stream.
+        assert await client.query("q:get") == 1
+        assert client.connection_status.synced
+        async for status in client.connection_statuses():
+            assert status == client.connection_status
+            break
+
+
 # -- server closes: reasons and backoff -------------------------------------------------------
 
 
