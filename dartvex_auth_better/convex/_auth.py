@@ -107,6 +107,7 @@ class AuthManager:
         self._rejections = 0
         self._waiters: list[asyncio.Future[None]] = []
         self._had_confirmation = False
+        self._confirmed_token: str | None = None
 
         self._refresh_at: float | None = None  # wall-clock time
         # When the token in force expires, on this machine's wall clock.
@@ -124,7 +125,9 @@ class AuthManager:
 
         # Hooks the client sets.
         self.send_authenticate: Callable[[], None] = lambda: None
-        self.on_confirmed: Callable[[bool], None] = lambda first: None
+        # Called on every confirmation: whether it is the flow's first, and whether the
+        # token differs from the one confirmed before (a reconnect re-confirms the same).
+        self.on_confirmed: Callable[[bool, bool], None] = lambda first, changed: None
         self.on_signed_out: Callable[[], None] = lambda: None
         # Called when the identity is lost for good (not on an explicit clear): requests
         # made under it must fail rather than run anonymously.
@@ -182,6 +185,7 @@ class AuthManager:
         self._rejections = 0
         self._awaiting_initial = False
         self._had_confirmation = False
+        self._confirmed_token = None
         self._failures = 0
         self._retry_not_before = 0.0
         # A fetch in flight now belongs to a replaced flow: nobody joins it any more.
@@ -241,6 +245,8 @@ class AuthManager:
             return True
         first = not self._had_confirmation
         self._had_confirmation = True
+        changed = self.token != self._confirmed_token
+        self._confirmed_token = self.token
         self._rejections = 0
         self.refreshing.set(False)
         log.debug("server confirmed the token (%s)", redact(self.token))
@@ -250,7 +256,7 @@ class AuthManager:
                 self._refresh_at = self._clock()
                 self._wake.set()
             self._awaiting_initial = False
-        self.on_confirmed(first)
+        self.on_confirmed(first, changed)
         return True
 
     def on_auth_error(self, msg: AuthError) -> bool:

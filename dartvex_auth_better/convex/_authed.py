@@ -162,11 +162,12 @@ class AuthenticatedConvexClient(Generic[SessionT]):
             raise
         return session
 
-    def _on_confirmed(self, first: bool) -> None:
+    def _on_confirmed(self, first: bool, changed: bool = True) -> None:
         if self._pending is not None and not isinstance(self._state.value, Authenticated):
             self._state.set(Authenticated(self._pending))
             self._emit(AuthEvent.SIGNED_IN)
-        elif not first or isinstance(self._state.value, Authenticated):
+        elif changed and (not first or isinstance(self._state.value, Authenticated)):
+            # Only a new token: a reconnect that re-confirms the same one is no refresh.
             self._emit(AuthEvent.TOKEN_REFRESHED)
 
     def _on_signed_out(self) -> None:

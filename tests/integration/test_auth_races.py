@@ -324,6 +324,34 @@ async def test_auth_streams_end_when_the_client_closes(better_auth_server, conve
     assert len(late_states) == 1 and isinstance(late_states[0], Authenticated)
 
 
+async def test_token_refreshed_only_for_a_new_token(better_auth_server, convex_server, auth):
+    email, user_id = await new_account(better_auth_server)
+    provider = ConvexBetterAuthProvider(auth)
+    # Without reuse the login's first token is swapped for a fresh one at once: a new
+    # token, confirmed, so one TOKEN_REFRESHED.
+    async with quick_client(convex_server, reuse_initial_token=False) as client:
+        authed = client.with_auth(provider)
+        events = authed.auth_events()
+        with anyio.fail_after(TEST_TIMEOUT):
+            await authed.login(email, PASSWORD)
+            seen: list[AuthEvent] = []
+            async for event in events:
+                seen.append(event)
+                if event is AuthEvent.TOKEN_REFRESHED:
+                    break
+            assert seen == [AuthEvent.SIGNED_IN, AuthEvent.TOKEN_REFRESHED]
+            # Reconnects re-confirm that same token: no refresh.
+            for n in (2, 3):
+                await convex_server.drop_connections()
+                record = await convex_server.wait_for_connections(n)
+                await record.wait_for_frame("Authenticate")
+                assert await whoami(authed) == user_id  # answered after the Authenticate
+    assert await drained(events) == []
+
+
+# -- ConvexClient ------------------------------------------------------------------------------
+
+
 async def test_a_fixed_token_set_while_paused_is_sent_once(issuer, convex):
     gate = Gate()
 
