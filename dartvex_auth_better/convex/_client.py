@@ -49,8 +49,11 @@ from ._values import encode_args
 __all__ = ["ConnectionState", "ConnectionStatus", "ConvexClient"]
 
 # A socket that keeps sending frames we cannot use is not going to get better: after this
-# many reconnects in a row that end that way, stop and fail every pending call.
+# many reconnects in a row that end that way, stop and fail every pending call. The streak
+# is broken by a socket that ends any other way, or that worked this long before it broke
+# (catching up after a reconnect is not enough: a server can sync and then send garbage).
 _MAX_PROTOCOL_FAILURES = 3
+_STABLE_SOCKET_SECONDS = 60.0
 
 
 class ConnectionState(enum.Enum):
@@ -410,8 +413,9 @@ class ConvexClient:
 
     def _on_auth_error(self, msg: AuthError) -> None:
         if self._auth.on_auth_error(msg):
-            # The server closes the socket after an AuthError; reconnect without backoff
-            # (an ignored, stale AuthError gets the ordinary backoff instead).
+            # Stop the socket (the reader does so after this message), force-fetch and
+            # reconnect without backoff (an ignored, stale AuthError changes nothing: the
+            # server's close that follows gets the ordinary backoff).
             self._restart_immediately = True
 
     # -- functions -----------------------------------------------------------------------
@@ -563,6 +567,7 @@ class ConvexClient:
                 ended = _SocketEnded(f"ConnectFailed: {type(exc).__name__}", server_caused=True)
                 ws_logger.warning("connect to %s failed: %s", self._sync_url, type(exc).__name__)
             else:
+                opened_at = anyio.current_time()
                 try:
                     ended = await self._serve_socket(ws)
                 finally:
@@ -571,6 +576,11 @@ class ConvexClient:
                     self._core.send = None
                     with anyio.CancelScope(shield=True):
                         await ws.close()
+                if (
+                    not ended.protocol_error
+                    or anyio.current_time() - opened_at >= _STABLE_SOCKET_SECONDS
+                ):
+                    self._protocol_failures = 0
             if ended.fatal is not None:
                 self._terminate(ended.fatal, ConnectionState.FATAL)
                 return
@@ -725,13 +735,16 @@ class ConvexClient:
             ws_logger.warning("invalid server message, reconnecting: %s", exc)
             return _SocketEnded("InvalidServerMessage", server_caused=False, protocol_error=True)
         self._publish_status()
+        if self._restart_immediately:
+            # A handled AuthError: stop the socket now rather than wait for the server to
+            # close it (it may be slow to, or never do); then force-fetch and restart.
+            return _SocketEnded("AuthError", server_caused=True)
         return None
 
     def _on_synced(self) -> None:
         # Backoff resets only once the client has caught up after a reconnect, so a server
         # that accepts sockets and then drops them keeps the delays growing.
         self._retries = 0
-        self._protocol_failures = 0
         self._publish_status()
 
     def _terminate(self, error: DartvexError, state: ConnectionState) -> None:

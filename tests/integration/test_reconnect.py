@@ -26,6 +26,7 @@ from dartvex_auth_better import (
     ConnectionState,
     ConnectionStatus,
     ConvexClient,
+    ProtocolError,
     ServerFatalError,
 )
 from dartvex_auth_better.testing import LocalConvex
@@ -304,3 +305,55 @@ async def test_a_fatal_error_in_the_middle_of_a_chunk_run_is_fatal():
             await client.query("q:get")
         assert client.connection_state is ConnectionState.FATAL
         assert len(convex.connections) == 1  # never reconnected
+
+
+# -- the protocol guard ------------------------------------------------------------------------
+
+
+async def test_a_server_that_syncs_then_sends_garbage_every_time_is_given_up_on(ws_log):
+    async with running() as (convex, client):
+        subscription = client.subscribe("q:get")
+        assert await subscription.next() == 1
+        for n in (1, 2, 3):
+            # Each socket syncs (the backoff resets), then breaks the protocol.
+            await synced_on(client, n)
+            assert await convex.connections[n - 1].send_raw(BAD_TRANSITION)
+        with pytest.raises(ProtocolError, match="kept sending invalid messages"):
+            while True:  # each new socket re-delivers the value; then the client gives up
+                assert await subscription.next() == 1
+        assert client.connection_state is ConnectionState.FATAL
+        with pytest.raises(ProtocolError):
+            await client.query("q:get")
+        assert len(convex.connections) == 3
+        assert len(reconnect_delays(ws_log)) == 2  # two quick retries, then it stopped
+
+
+async def test_protocol_failures_apart_from_each_other_do_not_add_up(ws_log):
+    async with running(initial_backoff=0.1) as (convex, client):
+        assert await client.query("q:get") == 1
+        for n in (1, 2, 3, 4):
+            await synced_on(client, n)
+            if n % 2:
+                assert await convex.connections[n - 1].send_raw(BAD_TRANSITION)
+            else:
+                # A socket that ends for another reason breaks the streak.
+                await convex.connections[n - 1].close(1011, "InternalServerError")
+        await synced_on(client, 5)
+        assert await convex.connections[4].send_raw(BAD_TRANSITION)
+        await synced_on(client, 6)
+        assert client.connection_state is ConnectionState.CONNECTED
+        assert await client.query("q:get") == 1
+
+
+async def test_a_protocol_failure_after_a_stable_period_starts_a_new_streak(monkeypatch):
+    from dartvex_auth_better.convex import _client
+
+    # Every socket counts as having worked long enough (the real period is 60 s).
+    monkeypatch.setattr(_client, "_STABLE_SOCKET_SECONDS", 0.0)
+    async with running() as (convex, client):
+        assert await client.query("q:get") == 1
+        for n in (1, 2, 3, 4):
+            await synced_on(client, n)
+            assert await convex.connections[n - 1].send_raw(BAD_TRANSITION)
+        await synced_on(client, 5)
+        assert client.connection_state is ConnectionState.CONNECTED
