@@ -709,12 +709,14 @@ class ConvexClient:
             aiohttp.WSMsgType.CLOSING,
             aiohttp.WSMsgType.CLOSED,
         ):
+            close_frame = msg.type is aiohttp.WSMsgType.CLOSE
+            # The code in the server's Close frame (ws.close_code may already be 1006 from
+            # the close handshake); aiohttp reports a Close with no status as 0: 1005.
+            code = msg.data if close_frame and isinstance(msg.data, int) else ws.close_code
             reason = (msg.extra if isinstance(msg.extra, str) else "") or (
-                f"closed with code {ws.close_code}"
+                f"closed with code {1005 if code == 0 else code}"
             )
-            return _SocketEnded(
-                reason, server_caused=True, close_frame=msg.type is aiohttp.WSMsgType.CLOSE
-            )
+            return _SocketEnded(reason, server_caused=True, close_frame=close_frame)
         else:
             return _SocketEnded("WebSocketError", server_caused=False)
         try:

@@ -154,6 +154,14 @@ async def test_a_code_only_close_is_reported_with_its_code(ws_log):
         assert 0.05 <= delay <= 0.15  # a server-caused start (0.1 s here)
 
 
+async def test_a_close_with_no_status_is_reported_as_1005(ws_log):
+    async with running(initial_backoff=0.1) as (convex, client):
+        await synced_on(client, 1)
+        await convex.connections[0].close(None)  # aiohttp reports this as code 0
+        connect = await next_connect(convex, 2)
+        assert connect["lastCloseReason"] == "closed with code 1005"
+
+
 async def test_a_websocket_protocol_error_reconnects(ws_log):
     # A text frame that is not UTF-8: aiohttp reports WSMsgType.ERROR.
     async with running() as (convex, client):
