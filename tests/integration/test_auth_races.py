@@ -10,6 +10,7 @@ server under Node where a provider is involved). Nothing of the SDK is mocked.
 from __future__ import annotations
 
 import asyncio
+import json
 import secrets
 import time
 from collections.abc import AsyncIterator
@@ -375,3 +376,40 @@ async def test_a_fixed_token_set_while_paused_is_sent_once(issuer, convex):
     frames = record.frames_of_type("Authenticate")
     assert [f.get("value") for f in frames] == [fixed]
     assert [f["baseVersion"] for f in frames] == [0]
+
+
+async def test_an_auth_error_stops_the_socket_without_waiting_for_the_server(issuer, convex):
+    calls: list[bool] = []
+    tokens: list[str] = []
+
+    async def source(force_refresh: bool) -> str:
+        calls.append(force_refresh)
+        token: str = issuer.mint("user-1", iat=time.time(), n=len(calls))
+        tokens.append(token)
+        return token
+
+    async with quick_client(convex) as client:
+        with anyio.fail_after(TEST_TIMEOUT):
+            await client.set_auth(source)
+            first = convex.connections[0]
+            # A server that says AuthError but does not close the socket (a slow close,
+            # or a proxy holding it open): the client stops the socket itself.
+            assert len(first.frames_of_type("Authenticate")) == 1  # identity version 1
+            await first.send_raw(
+                json.dumps(
+                    {
+                        "type": "AuthError",
+                        "error": "token expired (test)",
+                        "baseVersion": 1,
+                        "authUpdateAttempted": False,
+                    }
+                )
+            )
+            await first.wait_closed()
+            second = await convex.wait_for_connections(2)
+            auth = await second.wait_for_frame("Authenticate")
+            me = await client.query("users:whoami")
+    assert calls == [False, True]
+    assert auth["value"] == tokens[-1]
+    assert me["subject"] == "user-1"
+    assert not client.is_auth_refreshing
