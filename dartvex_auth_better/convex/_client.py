@@ -563,7 +563,11 @@ class ConvexClient:
                     return
                 ended = _SocketEnded(f"ConnectFailed: HTTP {exc.status}", server_caused=True)
                 ws_logger.warning("connect to %s failed: HTTP %s", self._sync_url, exc.status)
-            except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+            except TimeoutError:
+                reason = f"ConnectTimeout after {round(self._connect_timeout * 1000)}ms"
+                ended = _SocketEnded(reason, server_caused=True)
+                ws_logger.warning("connect to %s failed: %s", self._sync_url, reason)
+            except (aiohttp.ClientError, OSError) as exc:
                 ended = _SocketEnded(f"ConnectFailed: {type(exc).__name__}", server_caused=True)
                 ws_logger.warning("connect to %s failed: %s", self._sync_url, type(exc).__name__)
             else:

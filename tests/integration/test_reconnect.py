@@ -365,3 +365,25 @@ async def test_a_protocol_failure_after_a_stable_period_starts_a_new_streak(monk
             assert await convex.connections[n - 1].send_raw(BAD_TRANSITION)
         await synced_on(client, 5)
         assert client.connection_state is ConnectionState.CONNECTED
+
+
+# -- connecting ---------------------------------------------------------------------------------
+
+
+async def test_a_connect_that_hangs_times_out_and_is_retried(ws_log):
+    with anyio.fail_after(DEADLINE):
+        async with LocalConvex() as convex:
+            install(convex)
+            convex.hold_handshakes()  # TCP accepted, the upgrade never answered
+            async with ConvexClient(
+                convex.url, connect_timeout=0.2, initial_backoff=0.05
+            ) as client:
+                await convex.wait_for_handshake_attempts(2)  # the first one timed out
+                assert convex.connections == []
+                assert client.connection_state is ConnectionState.RECONNECTING
+                convex.release_handshakes()
+                assert await client.query("q:get") == 1
+                connect = convex.connections[0].frames[0]
+                assert connect["lastCloseReason"] == "ConnectTimeout after 200ms"
+                # A server-side start (scaled to 0.05 s here), not the client's 100 ms.
+                assert 0.025 <= reconnect_delays(ws_log)[0] <= 0.075
