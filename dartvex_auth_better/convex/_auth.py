@@ -104,6 +104,7 @@ class AuthManager:
         self.identity_version = 0
         self._awaiting_version: int | None = None
         self._awaiting_initial = False
+        self._initial_force = False
         self._rejections = 0
         self._waiters: list[asyncio.Future[None]] = []
         self._had_confirmation = False
@@ -160,17 +161,30 @@ class AuthManager:
     def set_fixed(self, token: str | None) -> None:
         """A fixed token (no refresh), or None to sign out of Convex."""
         self._reset()
-        self._use_token(token)
+        self._use_token(token, fetched=False)
         self._configured.set()
 
     def set_fetcher(self, fetcher: FetchToken, initial_token: str | None) -> int:
-        """Start a refreshing flow; returns its generation."""
+        """Start a refreshing flow; returns its generation.
+
+        An ``initial_token`` that has expired by the wall clock (or expires within the
+        connect margin) is not used: ``token`` stays None and ``initial_fetch`` replaces
+        it with a forced fetch before anything is sent."""
         self._reset()
         self._fetcher = fetcher
-        self._use_token(initial_token)
+        self._initial_force = False
+        if initial_token is not None and self._expired_on_arrival(initial_token):
+            log.info("the initial token has expired; fetching a fresh one instead")
+            self._initial_force = True
+            initial_token = None
+        self._use_token(initial_token, fetched=False)
         self._awaiting_initial = True
         self._configured.set()
         return self._generation
+
+    def _expired_on_arrival(self, token: str) -> bool:
+        _, exp = token_times(token)
+        return exp is not None and exp <= self._clock() + _CONNECT_MARGIN
 
     def clear(self) -> None:
         """Stop refreshing and forget the token (the caller sends Authenticate None)."""
@@ -476,9 +490,10 @@ class AuthManager:
         self._use_token(token)
 
     async def initial_fetch(self) -> None:
-        """For set_auth(fetcher) without an initial token: the first token, non-forced,
-        retrying transient failures. Signs out when the source has no session."""
-        token = await self._fetch_for_flow(force=False)
+        """For set_auth(fetcher) without a usable initial token: the first token,
+        retrying transient failures; non-forced, unless it replaces an expired initial
+        token. Signs out when the source has no session."""
+        token = await self._fetch_for_flow(force=self._initial_force)
         if token is not None:
             self._use_token(token)
 
@@ -504,11 +519,12 @@ class AuthManager:
             return True
         return False
 
-    def _use_token(self, token: str | None) -> None:
+    def _use_token(self, token: str | None, *, fetched: bool = True) -> None:
         """Put a token in force and schedule its replacement (see ``_jwt.refresh_delay``:
         its expiry on this machine's clock is ``exp``, but never later than now plus its
-        own lifetime; a token that looks expired on arrival means this clock runs ahead of
-        the issuer's, and then the lifetime alone counts)."""
+        own lifetime). A token just ``fetched`` that looks expired on arrival means this
+        clock runs ahead of the issuer's: then the lifetime alone counts. A token handed
+        in (a fixed or initial one) gets no such benefit of the doubt."""
         self.token = token
         self._deadline = None
         self._refresh_at = None
@@ -518,12 +534,12 @@ class AuthManager:
         iat, exp = token_times(token)
         if exp is None:
             return  # no expiry to honour; the server decides
-        if iat is not None and exp <= now + 1:
+        if fetched and iat is not None and exp <= now + 1:
             log.warning(
                 "a fresh token already looks expired by this machine's clock; the clock is "
                 "probably ahead of the issuer's. Using the token's lifetime instead."
             )
-        self._deadline = token_deadline(iat, exp, now=now, fresh=True)
+        self._deadline = token_deadline(iat, exp, now=now, fresh=fetched)
         if self._fetcher is None:
             return
         # A leeway as long as the token's life would refresh non-stop: use at most half.
@@ -534,7 +550,7 @@ class AuthManager:
             exp,
             leeway=self.leeway,
             now=now,
-            fresh=True,
+            fresh=fetched,
             max_leeway_share=0.5,
             jitter=self._rng.uniform(0.0, _REFRESH_JITTER),
         )

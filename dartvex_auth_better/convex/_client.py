@@ -338,8 +338,9 @@ class ConvexClient:
           (see FetchToken). The client refreshes before expiry, re-authenticates after
           server AuthErrors, and keeps the session through transient failures. Requests
           made meanwhile are held back, never sent anonymously. Pass ``initial_token`` to
-          start with a token you already have. SessionExpiredError when the source says
-          the session is over.
+          start with a token you already have (one that has expired by the wall clock is
+          replaced by a forced fetch before anything is sent). SessionExpiredError when
+          the source says the session is over.
         * ``set_auth(None)``: sign out of Convex (anonymous from now on).
 
         Calls made after ``set_auth`` go out after its Authenticate. A ``set_auth``
@@ -353,7 +354,7 @@ class ConvexClient:
             self._send_authenticate_now()
         else:
             generation = self._auth.set_fetcher(auth, initial_token)
-            if initial_token is None:
+            if self._auth.token is None:  # no initial token, or an expired one
                 self._core.pause()
                 try:
                     await self._auth.initial_fetch()

@@ -413,3 +413,24 @@ async def test_an_auth_error_stops_the_socket_without_waiting_for_the_server(iss
     assert auth["value"] == tokens[-1]
     assert me["subject"] == "user-1"
     assert not client.is_auth_refreshing
+
+
+async def test_an_expired_initial_token_is_replaced_before_it_is_sent(issuer, convex):
+    calls: list[bool] = []
+
+    async def source(force_refresh: bool) -> str:
+        calls.append(force_refresh)
+        token: str = issuer.mint("user-1", iat=time.time(), n=len(calls))
+        return token
+
+    # Saved an hour ago, expired 45 minutes ago: not clock skew, just old.
+    stale: str = issuer.mint("user-1", ttl=900, iat=time.time() - 3600)
+    async with quick_client(convex) as client:
+        with anyio.fail_after(TEST_TIMEOUT):
+            await client.set_auth(source, initial_token=stale)
+            me = await client.query("users:whoami")
+    assert me["subject"] == "user-1"
+    assert calls == [True]  # forced: the source must not hand back a cached JWT
+    assert [t.token for t in convex.received_tokens] != [stale]
+    assert convex.received_tokens and not any(t.was_expired for t in convex.received_tokens)
+    assert len(convex.connections) == 1  # no AuthError, no reconnect
