@@ -19,7 +19,10 @@ Rules it keeps:
   SessionExpiredError signs out exactly once, and nothing is fetched again until the next
   ``set_auth``.
 * An AuthError from the server makes the socket loop stop, force-fetch, and reconnect with
-  the fresh token; after two rejected fresh tokens in a row the user is signed out.
+  the fresh token. Only fresh tokens (from forced fetches) count against the budget: a
+  rejected cached or initial one is free, two rejected fresh tokens are replaced again,
+  and the third in a row (no confirmation between) signs the user out. (A fixed token
+  cannot be replaced: its rejection signs out of Convex at once.)
 * Every fetch goes through one single-flight slot: concurrent needs share one call.
 """
 
@@ -105,7 +108,10 @@ class AuthManager:
         self._awaiting_version: int | None = None
         self._awaiting_initial = False
         self._initial_force = False
-        self._rejections = 0
+        # Rejected fresh tokens (from forced fetches) since the last confirmation; a
+        # rejected cached, initial or fixed token is free.
+        self._fresh_rejections = 0
+        self._token_fresh = False
         self._waiters: list[asyncio.Future[None]] = []
         self._had_confirmation = False
         self._confirmed_token: str | None = None
@@ -196,7 +202,7 @@ class AuthManager:
         self._fetcher = None
         self._use_token(None)
         self._signed_out_latch = False
-        self._rejections = 0
+        self._fresh_rejections = 0
         self._awaiting_initial = False
         self._had_confirmation = False
         self._confirmed_token = None
@@ -259,9 +265,9 @@ class AuthManager:
             return True
         first = not self._had_confirmation
         self._had_confirmation = True
+        self._fresh_rejections = 0
         changed = self.token != self._confirmed_token
         self._confirmed_token = self.token
-        self._rejections = 0
         self.refreshing.set(False)
         log.debug("server confirmed the token (%s)", redact(self.token))
         if self._fetcher is not None:
@@ -294,7 +300,8 @@ class AuthManager:
             self.on_identity_lost(error)
             self.on_signed_out()
             return True
-        self._rejections += 1
+        if self._token_fresh:
+            self._fresh_rejections += 1
         self.reauth_pending = True
         self.refreshing.set(True)
         return True
@@ -466,18 +473,19 @@ class AuthManager:
             return
         if self.token is not None and not self._expires_within(_CONNECT_MARGIN):
             return
-        token = await self._fetch_for_flow(force=self.token is not None)
+        force = self.token is not None
+        token = await self._fetch_for_flow(force=force)
         if token is not None:
-            self._use_token(token)
+            self._use_token(token, fresh=force)
 
     async def reauthenticate(self) -> None:
         """After an AuthError: get a fresh token (the socket is down meanwhile)."""
         self.reauth_pending = False
-        if self._rejections > _MAX_REJECTED_FRESH_TOKENS:
+        if self._fresh_rejections > _MAX_REJECTED_FRESH_TOKENS:
             log.error(
                 "the Convex server rejected %d fresh tokens in a row; check the deployment's "
                 "auth config (issuer, audience, JWKS). Signing out.",
-                self._rejections,
+                self._fresh_rejections,
             )
             self._sign_out()
             return
@@ -487,7 +495,7 @@ class AuthManager:
             return
         if token == previous and self._expires_within(0):
             log.warning("the token source returned the same, expired token")
-        self._use_token(token)
+        self._use_token(token, fresh=True)
 
     async def initial_fetch(self) -> None:
         """For set_auth(fetcher) without a usable initial token: the first token,
@@ -495,7 +503,7 @@ class AuthManager:
         token. Signs out when the source has no session."""
         token = await self._fetch_for_flow(force=self._initial_force)
         if token is not None:
-            self._use_token(token)
+            self._use_token(token, fresh=self._initial_force)
 
     @property
     def signed_out(self) -> bool:
@@ -514,18 +522,20 @@ class AuthManager:
                 raise SessionExpiredError("the session ended; sign in again")
             return False
         if token != self.token:
-            self._use_token(token)
+            self._use_token(token, fresh=True)
             self.send_authenticate()
             return True
         return False
 
-    def _use_token(self, token: str | None, *, fetched: bool = True) -> None:
+    def _use_token(self, token: str | None, *, fetched: bool = True, fresh: bool = False) -> None:
         """Put a token in force and schedule its replacement (see ``_jwt.refresh_delay``:
         its expiry on this machine's clock is ``exp``, but never later than now plus its
         own lifetime). A token just ``fetched`` that looks expired on arrival means this
         clock runs ahead of the issuer's: then the lifetime alone counts. A token handed
-        in (a fixed or initial one) gets no such benefit of the doubt."""
+        in (a fixed or initial one) gets no such benefit of the doubt. ``fresh``: it came
+        from a forced fetch (its rejection counts against the rejected-token budget)."""
         self.token = token
+        self._token_fresh = fresh and token is not None
         self._deadline = None
         self._refresh_at = None
         if token is None:
@@ -591,5 +601,5 @@ class AuthManager:
             # shortly instead of giving up on refreshing.
             self._refresh_at = self._clock() + 1.0
             return
-        self._use_token(token)
+        self._use_token(token, fresh=True)
         self.send_authenticate()

@@ -207,7 +207,17 @@ async def test_auth_error_stops_fetches_and_restarts(issuer, convex):
     assert not client.is_auth_refreshing
 
 
-async def test_rejected_fresh_tokens_sign_out_after_two_retries(issuer, convex):
+async def wait_signed_out(client: ConvexClient) -> None:
+    """Until the manager has signed out (re-checked on every is_refreshing change: a
+    rejection sets it, a sign-out clears it)."""
+    async for _ in client.auth_refreshing_states():
+        if client._auth.signed_out:
+            return
+
+
+async def test_a_rejected_cached_token_is_free_and_the_third_fresh_one_signs_out(issuer, convex):
+    # dartvex: "one cached rejection plus 2 fresh rejections keeps auth; the 3rd fresh
+    # rejection gives up". The first, unforced fetch is the cached one.
     source = TokenSource(issuer)
     source.bad_tokens = True
     async with ConvexClient(convex.url) as client:
@@ -215,9 +225,46 @@ async def test_rejected_fresh_tokens_sign_out_after_two_retries(issuer, convex):
             await client.set_auth(source)
         with anyio.fail_after(10):
             assert await client.query("users:whoami") is None
-    # The first token plus two re-fetches after rejections, then no more.
-    assert len(source.calls) == 3
+    assert source.calls == [False, True, True, True]
+    assert len(convex.received_tokens) == 4
     assert not any(t.accepted for t in convex.received_tokens)
+
+
+async def test_persistent_rejection_after_a_confirmation_makes_four_fetches(issuer, convex):
+    # dartvex: "persistent rejection ends with 4 fetches (cached, fresh after
+    # confirmation, and 2 retries)". The deployment stops trusting the issuer right
+    # after the login's first token was confirmed.
+    untrusted = TestTokenIssuer(issuer.issuer)
+    calls: list[bool] = []
+
+    async def source(force_refresh: bool) -> str:
+        calls.append(force_refresh)
+        minter = issuer if len(calls) == 1 else untrusted
+        token: str = minter.mint("user-1", iat=time.time(), n=len(calls))
+        return token
+
+    async with ConvexClient(convex.url, reuse_initial_token=False) as client:
+        with anyio.fail_after(15):
+            await client.set_auth(source)
+            await wait_signed_out(client)
+            assert await client.query("users:whoami") is None
+    assert calls == [False, True, True, True]
+    assert [t.accepted for t in convex.received_tokens] == [True, False, False, False]
+
+
+async def test_a_confirmed_token_rejected_later_is_not_counted(issuer, convex):
+    source = TokenSource(issuer)
+    async with ConvexClient(convex.url) as client:
+        with anyio.fail_after(15):
+            await client.set_auth(source)
+            # The confirmed token expires on the server, and the deployment no longer
+            # trusts the issuer: its rejection is free, three fresh ones are not.
+            source.bad_tokens = True
+            await convex.send_auth_error("token expired", auth_update_attempted=False)
+            await wait_signed_out(client)
+            assert await client.query("users:whoami") is None
+    assert source.calls == [False, True, True, True]
+    assert [t.accepted for t in convex.received_tokens] == [True, False, False, False]
 
 
 async def test_fixed_token_rejected_is_not_resent(issuer, convex):
