@@ -52,6 +52,8 @@ _WAKE_SLICE = 5.0
 _RETRY_INITIAL = 0.5
 _RETRY_MAX = 30.0
 _MAX_REJECTED_FRESH_TOKENS = 2
+# A scheduled refresh answered with the token in force asks again after this long, doubling.
+_SAME_TOKEN_RETRY = 1.0
 _REFRESH_JITTER = 0.15
 # A token fetch attempt gets half the leeway (at least this long) before it is retried.
 _MIN_ATTEMPT_TIMEOUT = 5.0
@@ -126,6 +128,7 @@ class AuthManager:
         self._inflight: _Flight | None = None
         self._attempt_timeout = max(_MIN_ATTEMPT_TIMEOUT, leeway / 2)
         self._failures = 0
+        self._same_token_answers = 0
         self._retry_not_before = 0.0  # event-loop time of the next allowed attempt
         self._closed = asyncio.Event()
         self._rng = random.Random()
@@ -207,6 +210,7 @@ class AuthManager:
         self._had_confirmation = False
         self._confirmed_token = None
         self._failures = 0
+        self._same_token_answers = 0
         self._retry_not_before = 0.0
         # A fetch in flight now belongs to a replaced flow: nobody joins it any more.
         self._inflight = None
@@ -598,8 +602,14 @@ class AuthManager:
             return
         if token == previous:
             # Same token (the server issues identical JWTs within one second): try again
-            # shortly instead of giving up on refreshing.
-            self._refresh_at = self._clock() + 1.0
+            # shortly instead of giving up on refreshing, but back off (1 s, 2 s, 4 s, ...
+            # at most 30 s) so a source that always answers this token is not asked every
+            # second for ever.
+            self._same_token_answers += 1
+            delay = min(_SAME_TOKEN_RETRY * 2 ** min(self._same_token_answers - 1, 16), _RETRY_MAX)
+            self._refresh_at = self._clock() + delay
+            log.debug("the token source answered the same token; asking again in %.0f s", delay)
             return
+        self._same_token_answers = 0
         self._use_token(token, fresh=True)
         self.send_authenticate()

@@ -23,6 +23,7 @@ from dartvex_auth_better import (
     SessionExpiredError,
     TransportError,
 )
+from dartvex_auth_better.convex._auth import AuthManager
 from dartvex_auth_better.testing import LocalConvex, TestTokenIssuer, register_demo_app
 
 pytestmark = [pytest.mark.anyio]
@@ -475,3 +476,30 @@ async def test_an_ignored_auth_error_gets_the_ordinary_backoff(issuer, convex):
             await convex.wait_for_connections(2)
             reconnected_at = time.monotonic()
     assert reconnected_at - closed_at >= 0.2  # backoff (0.25-0.75 s), not an instant restart
+
+
+async def test_a_source_that_keeps_answering_the_same_token_is_asked_less_and_less(issuer):
+    # A refresh is due at once (the token has 40 s left, the leeway is 50 s), and the
+    # source keeps handing back the very same JWT. The client asks again, but backs off
+    # (1 s, 2 s, ...) instead of asking every second for ever.
+    token: str = issuer.mint("user-1", ttl=100, iat=time.time() - 60)
+    asked: list[float] = []
+    third = asyncio.Event()
+
+    async def same_token(force_refresh: bool) -> str:
+        asked.append(asyncio.get_running_loop().time())
+        if len(asked) == 3:
+            third.set()
+        return token
+
+    manager = AuthManager(leeway=50)
+    manager.set_fetcher(same_token, token)
+    with anyio.fail_after(10):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(manager.run_refresh_loop)
+            await third.wait()
+            tg.cancel_scope.cancel()
+    first_gap, second_gap = asked[1] - asked[0], asked[2] - asked[1]
+    assert first_gap >= 0.9
+    assert second_gap >= 1.9 > first_gap + 0.5
+    assert manager.token == token  # kept in force meanwhile
