@@ -55,8 +55,11 @@ _MAX_REJECTED_FRESH_TOKENS = 2
 # A scheduled refresh answered with the token in force asks again after this long, doubling.
 _SAME_TOKEN_RETRY = 1.0
 _REFRESH_JITTER = 0.15
-# A token fetch attempt gets half the leeway (at least this long) before it is retried.
+# A token fetch attempt gets half the leeway (at least this long) before it is retried;
+# the allowance doubles with each failure in a row (an endpoint that is merely slow then
+# gets through), up to the token's remaining lifetime while it has one, and this.
 _MIN_ATTEMPT_TIMEOUT = 5.0
+_MAX_ATTEMPT_TIMEOUT = 120.0
 # Treat a token this close to expiry as already expired when (re)connecting: it would not
 # survive the handshake.
 _CONNECT_MARGIN = 2.0
@@ -126,7 +129,7 @@ class AuthManager:
         self.refreshing = Watched(False)
 
         self._inflight: _Flight | None = None
-        self._attempt_timeout = max(_MIN_ATTEMPT_TIMEOUT, leeway / 2)
+        self._base_attempt_timeout = max(_MIN_ATTEMPT_TIMEOUT, leeway / 2)
         self._failures = 0
         self._same_token_answers = 0
         self._retry_not_before = 0.0  # event-loop time of the next allowed attempt
@@ -430,10 +433,21 @@ class AuthManager:
     def closed(self) -> bool:
         return self._closed.is_set()
 
+    def _attempt_timeout(self) -> float:
+        """How long the next fetch attempt may take. The first is bounded well inside the
+        leeway, so one stalled request cannot use up the time left before the token
+        expires; each failure in a row doubles it (a slow endpoint gets through in the
+        end), but while the token in force is valid never past its remaining lifetime."""
+        base = self._base_attempt_timeout
+        grown = min(base * 2 ** min(self._failures, 16), _MAX_ATTEMPT_TIMEOUT)
+        if self.token is not None and self._deadline is not None:
+            left = self._deadline - self._clock()
+            if left > 0:
+                return max(base, min(grown, left))
+        return max(base, grown)
+
     async def _fetch_checked(self, force: bool) -> str:
-        # Each attempt is bounded well inside the leeway, so one stalled request cannot
-        # use up the time left before the token expires.
-        with anyio.fail_after(self._attempt_timeout):
+        with anyio.fail_after(self._attempt_timeout()):
             token = await self._fetch(force)
         assert token is not None
         return token

@@ -503,3 +503,22 @@ async def test_a_source_that_keeps_answering_the_same_token_is_asked_less_and_le
     assert first_gap >= 0.9
     assert second_gap >= 1.9 > first_gap + 0.5
     assert manager.token == token  # kept in force meanwhile
+
+
+async def test_a_token_endpoint_slower_than_the_first_attempt_timeout_still_answers(issuer):
+    # Every call takes 6 s, longer than the first attempt's 5 s: the attempt timeout grows
+    # with consecutive failures, so the second attempt waits long enough.
+    calls: list[bool] = []
+
+    async def slow(force_refresh: bool) -> str:
+        calls.append(force_refresh)
+        await anyio.sleep(6)  # the endpoint's latency (what is under test), not a wait
+        token: str = issuer.mint("user-1", iat=time.time(), n=len(calls))
+        return token
+
+    manager = AuthManager()
+    manager.set_fetcher(slow, None)
+    with anyio.fail_after(25):
+        await manager.initial_fetch()
+    assert manager.token is not None and not manager.signed_out
+    assert calls == [False, False]
