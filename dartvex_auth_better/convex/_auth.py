@@ -439,7 +439,7 @@ class AuthManager:
         expires; each failure in a row doubles it (a slow endpoint gets through in the
         end), but while the token in force is valid never past its remaining lifetime."""
         base = self._base_attempt_timeout
-        grown = min(base * 2 ** min(self._failures, 16), _MAX_ATTEMPT_TIMEOUT)
+        grown = min(base * 2.0 ** min(self._failures, 16), _MAX_ATTEMPT_TIMEOUT)
         if self.token is not None and self._deadline is not None:
             left = self._deadline - self._clock()
             if left > 0:
