@@ -645,10 +645,14 @@ class ConvexClient:
                 )
                 ended = await self._read_frames(ws)
                 tg.cancel_scope.cancel()
-        if self._send_failed or (self._writing and not ended.close_frame):
-            # A write failed, or the connection went while a frame was half written (the
-            # writer would fail next): the client's reconnect, unless the server closed
-            # with a Close frame of its own (its reason and backoff win).
+        if (
+            (self._send_failed or self._writing)
+            and ended.server_caused
+            and not (ended.close_frame or ended.fatal)
+        ):
+            # The connection went while a write failed or was half done (the writer would
+            # fail next): the client's reconnect. A Close frame from the server keeps its
+            # own reason and backoff; an inactivity timeout or a FatalError keeps its own.
             ended = _SocketEnded("FailedToSendMessage", server_caused=False)
         return ended
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import re
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -26,11 +26,12 @@ from dartvex_auth_better import (
     ConnectionState,
     ConnectionStatus,
     ConvexClient,
+    DartvexError,
     ProtocolError,
     ServerFatalError,
 )
 from dartvex_auth_better.testing import LocalConvex
-from dartvex_auth_better.testing._convex_server import ActionCtx, QueryCtx
+from dartvex_auth_better.testing._convex_server import ActionCtx, ConnectionRecord, QueryCtx
 
 pytestmark = [pytest.mark.anyio, pytest.mark.integration]
 
@@ -223,10 +224,13 @@ async def test_a_reconnect_requested_during_a_connect_does_not_leak_into_a_later
 
 
 async def cut_off_a_big_action(
-    convex: LocalConvex, client: ConvexClient
-) -> tuple[list[BaseException | int], dict[str, Any]]:
-    """Stall the socket under a big Action frame, then cut it; returns the action's
-    outcome and the next socket's Connect."""
+    convex: LocalConvex,
+    client: ConvexClient,
+    fault: Callable[[ConnectionRecord], Awaitable[object]] = ConnectionRecord.drop,
+) -> tuple[list[BaseException | int], dict[str, Any] | None]:
+    """Stall the socket under a big Action frame, then apply ``fault`` (by default: cut
+    it); returns the action's outcome and the next socket's Connect (None when the client
+    ended instead)."""
     await synced_on(client, 1)
     first = convex.connections[0]
     frames_before = first.raw_frame_count
@@ -236,15 +240,22 @@ async def cut_off_a_big_action(
     async def call() -> None:
         try:
             outcome.append(await client.action("a:echo", {"blob": "x" * 16_000_000}))
-        except ConnectionLostError as exc:
+        except DartvexError as exc:
             outcome.append(exc)
 
+    connect = None
     async with anyio.create_task_group() as tg:
         tg.start_soon(call)
         await anyio.wait_all_tasks_blocked()  # the writer is stuck mid-frame
         assert outcome == [] and first.raw_frame_count == frames_before
-        await first.drop()
-        connect = await next_connect(convex, 2)
+        await fault(first)
+        with anyio.move_on_after(5):
+            async for status in client.connection_statuses():
+                if status.state is ConnectionState.FATAL:
+                    break
+                if len(convex.connections) > 1:
+                    connect = await next_connect(convex, 2)
+                    break
     return outcome, connect
 
 
@@ -260,7 +271,7 @@ async def test_an_action_whose_write_was_cut_off_fails_and_is_not_sent_again():
 async def test_a_failed_send_is_a_client_caused_reconnect(ws_log):
     async with running() as (convex, client):
         _, connect = await cut_off_a_big_action(convex, client)
-        assert connect["lastCloseReason"] == "FailedToSendMessage"
+        assert connect is not None and connect["lastCloseReason"] == "FailedToSendMessage"
         [delay] = reconnect_delays(ws_log)
         assert delay <= 0.15  # the client's 100 ms start, not the server's 1 s
 
@@ -387,3 +398,28 @@ async def test_a_connect_that_hangs_times_out_and_is_retried(ws_log):
                 assert connect["lastCloseReason"] == "ConnectTimeout after 200ms"
                 # A server-side start (scaled to 0.05 s here), not the client's 100 ms.
                 assert 0.025 <= reconnect_delays(ws_log)[0] <= 0.075
+
+
+async def test_a_write_stuck_on_a_silent_server_ends_as_inactive_server():
+    async with running(inactivity_timeout=0.5) as (convex, client):
+
+        async def stay_silent(record: ConnectionRecord) -> None:
+            pass  # the server sends nothing: the client's inactivity timer fires
+
+        outcome, connect = await cut_off_a_big_action(convex, client, stay_silent)
+        assert connect is not None and connect["lastCloseReason"] == "InactiveServer"
+        assert len(outcome) == 1 and isinstance(outcome[0], ConnectionLostError)
+
+
+async def test_a_fatal_error_wins_over_a_write_stuck_at_the_same_time():
+    async with running() as (convex, client):
+
+        async def fatal(record: ConnectionRecord) -> None:
+            # What the server does: FatalError, then a Close with no status.
+            assert await record.send_raw(b'{"type":"FatalError","error":"stop"}')
+            await record.close(None)
+
+        outcome, connect = await cut_off_a_big_action(convex, client, fatal)
+        assert connect is None and client.connection_state is ConnectionState.FATAL
+        assert len(outcome) == 1 and isinstance(outcome[0], ServerFatalError)
+        assert len(convex.connections) == 1
