@@ -17,7 +17,6 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import anyio
-import anyio.lowlevel
 import pytest
 
 from dartvex_auth_better import (
