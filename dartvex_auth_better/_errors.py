@@ -34,6 +34,7 @@
     ├── ConnectionLostError         the socket dropped while an action was in flight; the
     │                               action may or may not have run. retryable=True
     ├── ServerFatalError            the sync server sent FatalError; the client stops
+    ├── LoginSupersededError        a login was overtaken by a newer login or a logout
     └── ClientClosedError           the client was closed while the call was pending
 
 Messages never contain passwords, session tokens or JWTs.
@@ -55,6 +56,7 @@ __all__ = [
     "DartvexError",
     "InvalidCredentialsError",
     "InvalidTokenError",
+    "LoginSupersededError",
     "NoSessionError",
     "ProtocolError",
     "RateLimitedError",
@@ -228,6 +230,13 @@ class ServerFatalError(DartvexError):
 
 class ClientClosedError(DartvexError):
     """The client was closed (or is closing) so the call cannot complete."""
+
+
+class LoginSupersededError(DartvexError):
+    """A ``login``, ``sign_up`` or ``login_from_cache`` of an authenticated client was
+    overtaken before it finished: a newer one, or a ``logout``, started meanwhile. The
+    newer call stands; this one was cancelled before its session was taken on, so the
+    client, the provider and the server all agree on the newer identity."""
 
 
 class AuthRejectedError(DartvexError):

@@ -6,6 +6,9 @@ import asyncio
 from collections.abc import AsyncIterator, Mapping
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
+import anyio
+
+from .._errors import LoginSupersededError
 from .._logging import auth_logger as log
 from .._watch import Watched
 from ._auth_types import (
@@ -83,6 +86,10 @@ class AuthenticatedConvexClient(Generic[SessionT]):
         self._pending: SessionT | None = None
         self._listeners: set[asyncio.Queue[AuthEvent | None]] = set()
         self._generation = 0
+        # The provider call of the login under way, cancelled when a newer login or a
+        # logout starts: only then can the provider never take on a stale session.
+        self._sign_in_scope: anyio.CancelScope | None = None
+        self._signed_in_announced = False  # a SIGNED_IN went out and no SIGNED_OUT since
         self._closed = False
         client._auth.on_confirmed = self._on_confirmed
         client._auth.on_signed_out = self._on_signed_out
@@ -110,23 +117,37 @@ class AuthenticatedConvexClient(Generic[SessionT]):
     async def logout(self) -> None:
         """Sign out on the server and here. The client is anonymous afterwards, even when
         the provider's sign-out call fails (its error propagates)."""
-        self._generation += 1
+        generation = self._supersede()
         try:
             await self.provider.logout()
         finally:
-            self._pending = None
-            await self.client.clear_auth()
-            # Read now, not before the sign-out call: the session may have ended by itself
-            # meanwhile (a refresh found it gone), and SIGNED_OUT was emitted then.
-            self._signed_out()
+            # A login started while the sign-out call ran is newer: it stands.
+            if generation == self._generation:
+                self._pending = None
+                await self.client.clear_auth()
+                # Read now, not before the sign-out call: the session may have ended by
+                # itself meanwhile (a refresh found it gone), and SIGNED_OUT was emitted.
+                self._signed_out()
+
+    def _supersede(self) -> int:
+        """Start a new identity change: the login under way (if any) is cancelled."""
+        self._generation += 1
+        if self._sign_in_scope is not None:
+            self._sign_in_scope.cancel()
+            self._sign_in_scope = None
+        return self._generation
 
     def _signed_out(self) -> None:
         """Unauthenticated from now on; SIGNED_OUT unless that was the state already, so
         that one sign-out is announced once however many paths lead to it."""
-        was_signed_in = not isinstance(self._state.value, Unauthenticated)
         self._pending = None
         self._state.set(Unauthenticated())
-        if was_signed_in:
+        self._announce_signed_out()
+
+    def _announce_signed_out(self) -> None:
+        # SIGNED_OUT pairs with a SIGNED_IN: a login that never completed signs nobody out.
+        if self._signed_in_announced:
+            self._signed_in_announced = False
             self._emit(AuthEvent.SIGNED_OUT)
 
     async def refresh_now(self) -> None:
@@ -134,17 +155,26 @@ class AuthenticatedConvexClient(Generic[SessionT]):
         await self.client.refresh_auth_now()
 
     async def _start(self, sign_in: Any) -> SessionT:
-        self._generation += 1
-        generation = self._generation
+        generation = self._supersede()
         self._state.set(AuthLoading())
+        scope = self._sign_in_scope = anyio.CancelScope()
+        got_session = False
         try:
-            session: SessionT = await sign_in
+            with scope:
+                session: SessionT = await sign_in
+                got_session = True
         except BaseException:
             if generation == self._generation:
                 self._state.set(Unauthenticated())
             raise
-        if generation != self._generation:
-            return session  # a newer login or logout took over
+        finally:
+            if self._sign_in_scope is scope:
+                self._sign_in_scope = None
+        if not got_session or generation != self._generation:
+            # A newer login or a logout took over (and cancelled this provider call).
+            raise LoginSupersededError(
+                "this sign-in was overtaken by a newer login or a logout, which stands"
+            )
         self._pending = session
         fetch_token = self.provider.fetch_token
         try:
@@ -153,18 +183,17 @@ class AuthenticatedConvexClient(Generic[SessionT]):
             if generation == self._generation:
                 # The login did not complete (it failed, or its caller went away): nothing
                 # of it may go on. The token sent is withdrawn and no refresh runs for it.
-                was_authenticated = isinstance(self._state.value, Authenticated)
                 self._pending = None
                 self._state.set(Unauthenticated())
                 self.client._abandon_auth(fetch_token)
-                if was_authenticated:
-                    self._emit(AuthEvent.SIGNED_OUT)
+                self._announce_signed_out()
             raise
         return session
 
     def _on_confirmed(self, first: bool, changed: bool = True) -> None:
         if self._pending is not None and not isinstance(self._state.value, Authenticated):
             self._state.set(Authenticated(self._pending))
+            self._signed_in_announced = True
             self._emit(AuthEvent.SIGNED_IN)
         elif changed and (not first or isinstance(self._state.value, Authenticated)):
             # Only a new token: a reconnect that re-confirms the same one is no refresh.

@@ -36,6 +36,7 @@ from dartvex_auth_better import (
     ConvexBetterAuthProvider,
     ConvexClient,
     InvalidCredentialsError,
+    LoginSupersededError,
     MemorySessionStore,
     SessionExpiredError,
     Unauthenticated,
@@ -438,7 +439,8 @@ async def test_concurrent_logins_the_last_one_wins(stack: Stack, slow: str):
                 second = await authed.login(second_email, PASSWORD)
                 assert authed.auth_state == Authenticated(second)
                 gate.release.set()
-            assert len(outcome) == 1
+            # The stale login was cancelled before its session was taken on.
+            assert len(outcome) == 1 and isinstance(outcome[0], LoginSupersededError), outcome
 
             # Whatever the stale login did, state, provider and server agree: second.
             state = authed.auth_state
@@ -543,6 +545,58 @@ async def test_logout_sends_no_token_signs_out_once_and_clears_the_store(stack: 
     async with BetterAuthClient(stack.better_auth.url) as direct:
         assert await direct.get_session(session.session_token) is None
     assert user_id == session.user_id
+
+
+async def test_a_login_started_during_logout_stands(stack: Stack):
+    first_email, _ = await new_account(stack.better_auth, "First")
+    second_email, second_id = await new_account(stack.better_auth, "Second")
+    provider = scripted(stack)
+    gate = Gate()
+    async with stack.client() as client:
+        authed = client.with_auth(provider)
+        with anyio.fail_after(TEST_TIMEOUT):
+            await authed.login(first_email, PASSWORD)
+            provider.after_inner_logout = gate.pass_through  # the sign-out answer is slow
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(authed.logout)
+                await gate.entered.wait()
+                second = await authed.login(second_email, PASSWORD)
+                gate.release.set()
+            # The logout finished after the newer login: it must not undo it.
+            assert authed.auth_state == Authenticated(second)
+            assert provider.inner.session is not None
+            assert provider.inner.session.user_id == second_id
+            assert await whoami(authed) == second_id
+
+
+async def test_a_logout_during_a_login_cancels_it(stack: Stack):
+    email, _ = await new_account(stack.better_auth)
+    store = MemorySessionStore()
+    provider = scripted(stack, store)
+    gate = Gate()
+    provider.returning_gates[email] = gate  # signed in on the server, answer not yet back
+    outcome: list[object] = []
+    async with stack.client() as client:
+        authed = client.with_auth(provider)
+        events = authed.auth_events()
+        with anyio.fail_after(TEST_TIMEOUT):
+            async with anyio.create_task_group() as tg:
+
+                async def login() -> None:
+                    try:
+                        outcome.append(await authed.login(email, PASSWORD))
+                    except LoginSupersededError as exc:
+                        outcome.append(exc)
+
+                tg.start_soon(login)
+                await gate.entered.wait()
+                await authed.logout()
+            assert len(outcome) == 1 and isinstance(outcome[0], LoginSupersededError), outcome
+            assert authed.auth_state == Unauthenticated()
+            assert provider.inner.session is None and await store.get() is None
+            assert await whoami(authed) is None
+    assert stack.convex.received_tokens == []  # the cancelled login's token was never sent
+    assert await drained(events) == []
 
 
 async def test_a_provider_whose_logout_raises_still_ends_unauthenticated(stack: Stack):
