@@ -132,6 +132,7 @@ class AuthenticatedConvexClient(Generic[SessionT]):
     def _supersede(self) -> int:
         """Start a new identity change: the login under way (if any) is cancelled."""
         self._generation += 1
+        self._pending = None  # a confirmation from now on is not the older login's
         if self._sign_in_scope is not None:
             self._sign_in_scope.cancel()
             self._sign_in_scope = None
@@ -157,37 +158,37 @@ class AuthenticatedConvexClient(Generic[SessionT]):
     async def _start(self, sign_in: Any) -> SessionT:
         generation = self._supersede()
         self._state.set(AuthLoading())
+        fetch_token = self.provider.fetch_token
+        # The whole sign-in (provider call, then the server's confirmation) runs in a scope
+        # that a newer login or a logout cancels: a stale one never takes effect.
         scope = self._sign_in_scope = anyio.CancelScope()
-        got_session = False
+        completed = False
         try:
             with scope:
                 session: SessionT = await sign_in
-                got_session = True
-        except BaseException:
-            if generation == self._generation:
-                self._state.set(Unauthenticated())
-            raise
-        finally:
-            if self._sign_in_scope is scope:
-                self._sign_in_scope = None
-        if not got_session or generation != self._generation:
-            # A newer login or a logout took over (and cancelled this provider call).
-            raise LoginSupersededError(
-                "this sign-in was overtaken by a newer login or a logout, which stands"
-            )
-        self._pending = session
-        fetch_token = self.provider.fetch_token
-        try:
-            await self.client.set_auth(fetch_token, initial_token=self.provider.token_of(session))
+                self._pending = session
+                await self.client.set_auth(
+                    fetch_token, initial_token=self.provider.token_of(session)
+                )
+                completed = True
         except BaseException:
             if generation == self._generation:
                 # The login did not complete (it failed, or its caller went away): nothing
-                # of it may go on. The token sent is withdrawn and no refresh runs for it.
+                # of it, nor of an identity it was replacing, may go on. The token in force
+                # is withdrawn and no refresh runs for it.
                 self._pending = None
                 self._state.set(Unauthenticated())
                 self.client._abandon_auth(fetch_token)
                 self._announce_signed_out()
             raise
+        finally:
+            if self._sign_in_scope is scope:
+                self._sign_in_scope = None
+        if not completed:
+            # A newer login or a logout took over, and cancelled this one.
+            raise LoginSupersededError(
+                "this sign-in was overtaken by a newer login or a logout, which stands"
+            )
         return session
 
     def _on_confirmed(self, first: bool, changed: bool = True) -> None:

@@ -599,6 +599,101 @@ async def test_a_logout_during_a_login_cancels_it(stack: Stack):
     assert await drained(events) == []
 
 
+async def test_a_newer_login_supersedes_one_awaiting_confirmation(stack: Stack):
+    first_email, first_id = await new_account(stack.better_auth, "First")
+    second_email, second_id = await new_account(stack.better_auth, "Second")
+    provider = scripted(stack)
+    gate = Gate()
+    provider.login_gates[second_email] = gate  # the second login is slow to sign in
+    outcome: list[object] = []
+    async with stack.client() as client:
+        authed = client.with_auth(provider)
+        events = authed.auth_events()
+        with anyio.fail_after(TEST_TIMEOUT):
+            await client.wait_connected()
+            record = await stack.convex.wait_for_connections(1)
+            stack.convex.pause()  # the first login's token is sent, not yet confirmed
+            async with anyio.create_task_group() as tg:
+
+                async def first_login() -> None:
+                    try:
+                        outcome.append(await authed.login(first_email, PASSWORD))
+                    except LoginSupersededError as exc:
+                        outcome.append(exc)
+
+                tg.start_soon(first_login)
+                await record.wait_for_frame(
+                    "Authenticate", predicate=lambda f: f["tokenType"] == "User"
+                )
+                tg.start_soon(authed.login, second_email, PASSWORD)
+                await gate.entered.wait()
+                # The first login's confirmation arrives while the second one signs in.
+                stack.convex.resume()
+                await anyio.wait_all_tasks_blocked()
+                assert outcome and isinstance(outcome[0], LoginSupersededError), outcome
+                assert authed.auth_state == AuthLoading()  # not the first user's
+                gate.release.set()
+            state = authed.auth_state
+            assert isinstance(state, Authenticated) and state.session.user_id == second_id
+            assert await whoami(authed) == second_id
+    assert await drained(events) == [AuthEvent.SIGNED_IN]
+    assert first_id != second_id
+
+
+async def test_a_logout_supersedes_a_login_awaiting_confirmation(stack: Stack):
+    email, _ = await new_account(stack.better_auth)
+    provider = scripted(stack)
+    outcome: list[object] = []
+    async with stack.client() as client:
+        authed = client.with_auth(provider)
+        events = authed.auth_events()
+        with anyio.fail_after(TEST_TIMEOUT):
+            await client.wait_connected()
+            record = await stack.convex.wait_for_connections(1)
+            stack.convex.pause()
+            async with anyio.create_task_group() as tg:
+
+                async def login() -> None:
+                    try:
+                        outcome.append(await authed.login(email, PASSWORD))
+                    except LoginSupersededError as exc:
+                        outcome.append(exc)
+
+                tg.start_soon(login)
+                await record.wait_for_frame(
+                    "Authenticate", predicate=lambda f: f["tokenType"] == "User"
+                )
+                tg.start_soon(authed.logout)
+                await anyio.wait_all_tasks_blocked()
+                stack.convex.resume()
+            assert len(outcome) == 1 and isinstance(outcome[0], LoginSupersededError), outcome
+            assert authed.auth_state == Unauthenticated()
+            assert await whoami(authed) is None
+    assert await drained(events) == []
+
+
+async def test_a_failed_login_after_a_signed_in_one_leaves_no_identity(stack: Stack):
+    email, _ = await new_account(stack.better_auth)
+    provider = scripted(stack)
+    async with stack.client() as client:
+        authed = client.with_auth(provider)
+        events = authed.auth_events()
+        with anyio.fail_after(TEST_TIMEOUT):
+            await authed.login(email, PASSWORD)
+            with pytest.raises(InvalidCredentialsError):
+                await authed.login(email, "not the password")
+            # The state says nobody, and so does the server: the old token was withdrawn.
+            assert authed.auth_state == Unauthenticated()
+            assert await whoami(authed) is None
+            fetches = len(provider.fetches)
+            connections = len(stack.convex.connections)
+            client.reconnect_now()
+            await stack.convex.wait_for_connections(connections + 1)
+            assert await whoami(authed) is None
+            assert len(provider.fetches) == fetches  # no refresh runs for the old identity
+    assert await drained(events) == [AuthEvent.SIGNED_IN, AuthEvent.SIGNED_OUT]
+
+
 async def test_a_provider_whose_logout_raises_still_ends_unauthenticated(stack: Stack):
     email, _ = await new_account(stack.better_auth)
     provider = scripted(stack)
