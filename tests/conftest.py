@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Generator, Iterator
+from collections.abc import AsyncIterator, Generator, Iterator
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote
@@ -186,6 +186,17 @@ def _sessions_in(value: Any) -> Iterator[BetterAuthSession]:
         for item in value.values():
             if isinstance(item, BetterAuthSession):
                 yield item
+
+
+@pytest.fixture(scope="session")
+async def better_auth_server(better_auth_server: Any) -> AsyncIterator[Any]:
+    """The plugin's session-wide real Better Auth server; when the session is done with
+    it, every session token it issued is registered as a secret, so the final check of
+    all the session's records covers the real server's tokens too (they have no shape
+    that gives them away)."""
+    yield better_auth_server
+    for token in await better_auth_server.issued_session_tokens():
+        fakes.secret(token)
 
 
 @pytest.fixture(autouse=True)

@@ -646,6 +646,18 @@ class LocalBetterAuth:
         status, _ = await self._request("DELETE", "/test/outbox")
         self._expect(status == 200, "DELETE /test/outbox", status)
 
+    async def issued_session_tokens(self) -> list[str]:
+        """Every session token this server has issued, oldest first (a reset keeps them).
+
+        For leak checks: a test suite can search its logs and output for each of them.
+        """
+        path = "/test/issued-session-tokens"
+        status, body = await self._request("GET", path)
+        tokens = body.get("tokens") if isinstance(body, dict) else None
+        self._expect(status == 200 and isinstance(tokens, list), f"GET {path}", status)
+        assert isinstance(tokens, list)
+        return [token for token in tokens if isinstance(token, str)]
+
     async def reset(self, jwks: bool = False) -> None:
         """Delete all users, sessions, accounts, verifications and outbox messages.
 

@@ -64,6 +64,10 @@ async def test_sign_up_and_sign_in(auth, better_auth_server):
     assert session.name == "Ada"
     # The bearer plugin's signed form `<token>.<signature>`, from set-auth-token.
     assert "." in session.session_token and session.session_token != signed_up.session_token
+    # The server lists what it issued (tests/conftest.py checks every log for each one).
+    issued = await better_auth_server.issued_session_tokens()
+    for each in (signed_up, session):
+        assert each.session_token.partition(".")[0] in issued
     claims = token_claims(session.token)
     assert claims is not None
     assert (claims["sub"], claims["aud"], claims["iss"]) == (

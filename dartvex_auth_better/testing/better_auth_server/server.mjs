@@ -10,6 +10,7 @@
 //   DELETE /test/outbox               forget them
 //   POST   /test/reset[?jwks=1]       wipe users, sessions, accounts, verifications, outbox
 //                                     (and the signing keys with jwks=1)
+//   GET    /test/issued-session-tokens  every session token issued so far (leak checks)
 //   GET    /test/health               {"ok":true}
 //   GET    /test/db                   raw tables, only with BA_DEBUG_DB=1
 //
@@ -85,6 +86,10 @@ const db = Object.fromEntries(TABLES.map((table) => [table, []]));
 // Messages the server would have emailed, oldest first.
 let outbox = [];
 
+// Every session token this server issued, oldest first (kept through /test/reset), so a
+// test suite can check that none of them ever reached a log.
+const issuedSessionTokens = [];
+
 function pushOutbox(type, email, token, url) {
   outbox.push({ type, email, token, url, createdAt: new Date().toISOString() });
 }
@@ -128,6 +133,15 @@ function buildAuth(config, siteUrl, trustedOrigins) {
     session: {
       expiresIn: config.sessionTtlSeconds,
       updateAge: config.sessionUpdateAgeSeconds,
+    },
+    databaseHooks: {
+      session: {
+        create: {
+          after: async (session) => {
+            issuedSessionTokens.push(session.token);
+          },
+        },
+      },
     },
     emailAndPassword: {
       enabled: true,
@@ -251,6 +265,8 @@ function handleTestRoute(url, req, res, cors, config) {
     }
     outbox = [];
     sendJson(res, 200, { ok: true, jwks: wipeKeys }, cors);
+  } else if (path === "/test/issued-session-tokens" && req.method === "GET") {
+    sendJson(res, 200, { tokens: issuedSessionTokens }, cors);
   } else if (path === "/test/db" && req.method === "GET" && config.debugDb) {
     sendJson(res, 200, db, cors);
   } else {
