@@ -366,8 +366,9 @@ def _prompt_secret(prompt: str) -> str:
 
 def _read_line(prompt: str) -> str:
     """Print ``prompt`` on stderr and read one line from stdin (EOF: a usage error)."""
-    print(prompt, end="", file=sys.stderr, flush=True)
     try:
+        # Inside the try: a Ctrl-C just after the prompt is shown still ends its line.
+        print(prompt, end="", file=sys.stderr, flush=True)
         line = sys.stdin.readline()
     except KeyboardInterrupt:
         print(file=sys.stderr)
