@@ -54,6 +54,8 @@ __all__ = ["ConnectionState", "ConnectionStatus", "ConvexClient"]
 # (catching up after a reconnect is not enough: a server can sync and then send garbage).
 _MAX_PROTOCOL_FAILURES = 3
 _STABLE_SOCKET_SECONDS = 60.0
+_TEXT = aiohttp.WSMsgType.TEXT
+_BINARY = aiohttp.WSMsgType.BINARY
 
 
 class ConnectionState(enum.Enum):
@@ -711,9 +713,10 @@ class ConvexClient:
         self, ws: aiohttp.ClientWebSocketResponse, msg: aiohttp.WSMessage
     ) -> _SocketEnded | None:
         """Apply one WebSocket message; returns why the socket ended, or None to go on."""
-        if msg.type is aiohttp.WSMsgType.TEXT or msg.type is aiohttp.WSMsgType.BINARY:
+        kind = msg.type
+        if kind is _TEXT or kind is _BINARY:
             data: str | bytes = msg.data
-        elif msg.type in (
+        elif kind in (
             aiohttp.WSMsgType.CLOSE,
             aiohttp.WSMsgType.CLOSING,
             aiohttp.WSMsgType.CLOSED,
@@ -730,22 +733,27 @@ class ConvexClient:
             return _SocketEnded("WebSocketError", server_caused=False)
         try:
             server_msg = decode_server_message(data)
-            if isinstance(server_msg, TransitionChunk):
-                whole = self._chunks.add(server_msg)
-                if whole is None:
-                    return None
-                server_msg = whole
-            elif self._chunks.pending and not isinstance(server_msg, FatalError):
-                # (A FatalError wins: it ends the client, whatever was being reassembled.)
-                raise ProtocolError("a message arrived in the middle of a TransitionChunk run")
-            self._core.handle(server_msg)
+            if type(server_msg) is Transition and not self._chunks._parts:
+                # The common case first: one whole Transition.
+                self._core.handle_transition(server_msg)
+            else:
+                if isinstance(server_msg, TransitionChunk):
+                    whole = self._chunks.add(server_msg)
+                    if whole is None:
+                        return None
+                    server_msg = whole
+                elif self._chunks.pending and not isinstance(server_msg, FatalError):
+                    # (A FatalError wins: it ends the client, whatever was being reassembled.)
+                    raise ProtocolError("a message arrived in the middle of a TransitionChunk run")
+                self._core.handle(server_msg)
         except ServerFatalError as exc:
             ws_logger.error("%s", exc)
             return _SocketEnded("FatalError", server_caused=True, fatal=exc)
         except ProtocolError as exc:
             ws_logger.warning("invalid server message, reconnecting: %s", exc)
             return _SocketEnded("InvalidServerMessage", server_caused=False, protocol_error=True)
-        self._publish_status()
+        if self._status.watchers:
+            self._publish_status()
         if self._restart_immediately:
             # A handled AuthError: stop the socket now rather than wait for the server to
             # close it (it may be slow to, or never do); then force-fetch and restart.

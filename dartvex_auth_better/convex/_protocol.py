@@ -12,6 +12,7 @@ fields and wrong field types raise ``ProtocolError``.
 from __future__ import annotations
 
 import base64
+import binascii
 import struct
 from typing import Any, Literal
 
@@ -48,6 +49,7 @@ __all__ = [
 ]
 
 INITIAL_TS = "AAAAAAAAAAA="
+_a2b_base64 = binascii.a2b_base64
 # Marks an absent errorData (msgspec.Raw cannot share a union with None).
 NO_DATA = msgspec.Raw()
 
@@ -58,15 +60,17 @@ def encode_ts(ts: int) -> str:
 
 
 def decode_ts(text: str) -> int:
-    """Decode a protocol timestamp; raises ProtocolError when it is not 8 bytes of base64."""
+    """Decode a protocol timestamp; raises ProtocolError when it is not 8 bytes of base64.
+
+    Called for every Transition: binascii directly (strict: only the alphabet, padding
+    only at the end), not base64.b64decode's validating regex."""
     try:
-        raw = base64.b64decode(text, validate=True)
-    except (ValueError, TypeError) as exc:
+        raw = _a2b_base64(text, strict_mode=True)
+    except (ValueError, TypeError) as exc:  # binascii.Error is a ValueError
         raise ProtocolError("timestamp is not valid base64") from exc
     if len(raw) != 8:
         raise ProtocolError("timestamp must be exactly 8 bytes")
-    value: int = struct.unpack("<Q", raw)[0]
-    return value
+    return int.from_bytes(raw, "little")
 
 
 # ---------------------------------------------------------------------------------------
@@ -228,6 +232,6 @@ def decode_server_message(data: bytes | str) -> ServerMessage:
         msg: ServerMessage = _decoder.decode(data)
     except msgspec.DecodeError as exc:
         raise ProtocolError(f"invalid server message: {exc}") from None
-    if isinstance(msg, MutationResponse) and msg.success and msg.ts is None:
+    if type(msg) is MutationResponse and msg.success and msg.ts is None:
         raise ProtocolError("invalid server message: successful MutationResponse without ts")
     return msg

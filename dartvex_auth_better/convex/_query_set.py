@@ -22,6 +22,7 @@ from ._values import decode_json, decode_raw_or_none
 __all__ = ["LocalQuery", "QueryResult", "QuerySet", "canonical_udf_path", "query_token"]
 
 _args_encoder = msgspec.json.Encoder()
+_UNSET = msgspec.UNSET
 
 
 def canonical_udf_path(name: str) -> str:
@@ -186,9 +187,10 @@ class QuerySet:
         if query is None:
             # The server had not processed our Remove yet.
             return None
-        self._awaiting_first_answer.discard(query.query_id)
+        if self._awaiting_first_answer:
+            self._awaiting_first_answer.discard(query.query_id)
         if isinstance(modification, QueryUpdated):
-            query.server = QueryResult(raw=modification.value, log_lines=modification.log_lines)
+            query.server = QueryResult(modification.value, None, None, modification.log_lines)
         else:
             error = ConvexError(
                 modification.error_message,
@@ -197,8 +199,9 @@ class QuerySet:
             )
             query.server = QueryResult(error=error, log_lines=modification.log_lines)
         # An absent journal keeps the last one; an explicit null clears it.
-        if modification.journal is not msgspec.UNSET:
-            query.journal = modification.journal
+        journal = modification.journal
+        if journal is not _UNSET:
+            query.journal = journal
         query.server_version += 1
         return query
 

@@ -211,7 +211,7 @@ class SyncCore:
         """Apply one server message. Raises ProtocolError for a violation (the caller
         reconnects) and ServerFatalError for FatalError (the caller stops)."""
         if isinstance(msg, Transition):
-            self._on_transition(msg)
+            self.handle_transition(msg)
         elif isinstance(msg, MutationResponse | ActionResponse):
             if isinstance(msg, MutationResponse) and msg.success and msg.ts is not None:
                 self.max_observed_ts = max(self.max_observed_ts, decode_ts(msg.ts))
@@ -229,28 +229,31 @@ class SyncCore:
         elif isinstance(msg, TransitionChunk):  # pragma: no cover - reassembled earlier
             raise ProtocolError("unexpected TransitionChunk")
 
-    def _on_transition(self, msg: Transition) -> None:
-        if msg.start_version != self.remote_version:
+    def handle_transition(self, msg: Transition) -> None:
+        """``handle`` for a Transition (the socket loop calls it directly)."""
+        # The hot path of a busy subscription: keep the common case (one or a few
+        # QueryUpdated without log lines, no requests in flight, no optimistic layers, no
+        # identity change, already synced) free of calls that would do nothing.
+        start = msg.start_version
+        if start != self.remote_version:
             raise ProtocolError(
                 "Transition does not start at the client's current version "
-                f"(expected {self.remote_version}, got {msg.start_version})"
+                f"(expected {self.remote_version}, got {start})"
             )
-        end_ts = decode_ts(msg.end_version.ts)
+        end = msg.end_version
+        end_ts = decode_ts(end.ts)
+        query_set = self.query_set
         changed: list[LocalQuery] = []
         for modification in msg.modifications:
             if isinstance(modification, QueryRemoved):
-                query = self.query_set.removed_by_server(modification.query_id)
+                query = query_set.removed_by_server(modification.query_id)
+            elif not modification.log_lines:
+                query = query_set.apply(modification)
             else:
-                previous: QueryResult | None = None
-                if modification.log_lines:
-                    before = self.query_set.get(modification.query_id)
-                    previous = before.server if before is not None else None
-                query = self.query_set.apply(modification)
-                if (
-                    query is not None
-                    and modification.log_lines
-                    and not _same_result(previous, modification)
-                ):
+                before = query_set.get(modification.query_id)
+                previous = before.server if before is not None else None
+                query = query_set.apply(modification)
+                if query is not None and not _same_result(previous, modification):
                     # Once per result: the same result again (a reconnect re-sends it)
                     # does not log again; a removed query's late result is not logged.
                     log_function_lines(
@@ -258,17 +261,25 @@ class SyncCore:
                     )
             if query is not None:
                 changed.append(query)
-        self.remote_version = msg.end_version
-        self.max_observed_ts = max(self.max_observed_ts, end_ts)
-        completed = self.requests.on_transition(end_ts)
+        self.remote_version = end
+        if end_ts > self.max_observed_ts:
+            self.max_observed_ts = end_ts
+        # (_inflight: the same package; a property call per Transition is measurable.)
+        completed = self.requests.on_transition(end_ts) if self.requests._inflight else None
         # Drop the layers of mutations this Transition made visible in the same pass that
         # shows their server results, so no value flickers.
-        tokens = self.optimistic.rebuild(completed) if completed or len(self.optimistic) else set()
-        for query in changed:
-            query.notify()
-        self._notify_tokens(tokens, skip=changed)
-        self.auth.on_identity_advanced(msg.start_version.identity, msg.end_version.identity)
-        self._check_synced()
+        if completed or len(self.optimistic):
+            tokens = self.optimistic.rebuild(completed or set())
+            for query in changed:
+                query.notify()
+            self._notify_tokens(tokens, skip=changed)
+        else:
+            for query in changed:
+                query.notify()
+        if end.identity > start.identity:
+            self.auth.on_identity_advanced(start.identity, end.identity)
+        if not self._synced:
+            self._check_synced()
 
     def _notify_tokens(self, tokens: set[bytes], skip: list[LocalQuery] | None = None) -> None:
         for token in tokens:
