@@ -63,6 +63,8 @@ _MAX_ATTEMPT_TIMEOUT = 120.0
 # Treat a token this close to expiry as already expired when (re)connecting: it would not
 # survive the handshake.
 _CONNECT_MARGIN = 2.0
+# Jitter source, shared: a Random is 2.5 KB of Mersenne state, too much to keep per client.
+_RNG = random.Random()
 
 
 class _SignedOut(Exception):
@@ -134,7 +136,7 @@ class AuthManager:
         self._same_token_answers = 0
         self._retry_not_before = 0.0  # event-loop time of the next allowed attempt
         self._closed = asyncio.Event()
-        self._rng = random.Random()
+        self._rng = _RNG
 
         # Hooks the client sets.
         self.send_authenticate: Callable[[], None] = lambda: None
