@@ -32,7 +32,8 @@ import asyncio
 import logging
 import random
 import time
-from collections.abc import Callable
+import weakref
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 import anyio
@@ -41,6 +42,7 @@ from .._errors import AuthRejectedError, ClientClosedError, DartvexError, Sessio
 from .._jwt import refresh_delay, token_deadline, token_times
 from .._logging import auth_logger as log
 from .._logging import redact
+from .._signal import Flag
 from .._watch import Watched
 from ._auth_types import FetchToken
 from ._protocol import Authenticate, AuthError
@@ -106,9 +108,7 @@ class AuthManager:
         # Bumped by every set_auth/clear: results of fetches started before are dropped.
         self._generation = 0
         self._signed_out_latch = False
-        self._configured = asyncio.Event()
-        if not expect_auth:
-            self._configured.set()
+        self._configured = Flag(not expect_auth)
 
         # Identity version on the current socket: the base of the next Authenticate.
         self.identity_version = 0
@@ -126,7 +126,15 @@ class AuthManager:
         self._refresh_at: float | None = None  # wall-clock time
         # When the token in force expires, on this machine's wall clock.
         self._deadline: float | None = None
-        self._wake = asyncio.Event()
+        # The wake-up for the next refresh (see _schedule): a timer of its own once the
+        # refresh is under one slice away, before that one shared per event loop.
+        self._timer: asyncio.TimerHandle | None = None
+        self._ticker: _Ticker | None = None
+        self._refresh_running = False
+        # How a due refresh runs: spawned by the client (attach), or woken in
+        # run_refresh_loop's task.
+        self._spawn: Callable[[Callable[[], Awaitable[None]]], None] | None = None
+        self._due: Flag | None = None
         self.reauth_pending = False
         self.refreshing = Watched(False)
 
@@ -135,7 +143,7 @@ class AuthManager:
         self._failures = 0
         self._same_token_answers = 0
         self._retry_not_before = 0.0  # event-loop time of the next allowed attempt
-        self._closed = asyncio.Event()
+        self._closed = Flag()
         self._rng = _RNG
 
         # Hooks the client sets.
@@ -221,7 +229,7 @@ class AuthManager:
         self._inflight = None
         self.reauth_pending = False
         self.refreshing.set(False)
-        self._wake.set()
+        self._schedule()
 
     # -- frames --------------------------------------------------------------------------
 
@@ -283,7 +291,7 @@ class AuthManager:
             if self._awaiting_initial and not self.reuse_initial_token:
                 # Parity with the official client: swap the first token for a fresh one.
                 self._refresh_at = self._clock()
-                self._wake.set()
+                self._schedule()
             self._awaiting_initial = False
         self.on_confirmed(first, changed)
         return True
@@ -427,7 +435,7 @@ class AuthManager:
         if self._closed.is_set():
             return
         self._closed.set()
-        self._wake.set()
+        self._schedule()
         self.refreshing.close()
         self.on_closed()
 
@@ -559,10 +567,12 @@ class AuthManager:
         self._deadline = None
         self._refresh_at = None
         if token is None:
+            self._schedule()
             return
         now = self._clock()
         iat, exp = token_times(token)
         if exp is None:
+            self._schedule()
             return  # no expiry to honour; the server decides
         if fetched and iat is not None and exp <= now + 1:
             log.warning(
@@ -588,27 +598,98 @@ class AuthManager:
             log.warning("the token has no usable iat/exp or lives too briefly; not refreshing")
             return
         self._refresh_at = now + delay
-        self._wake.set()
+        self._schedule()
         log.debug("next token refresh in %.1f s", delay)
 
     def _expires_within(self, margin: float) -> bool:
         return self._deadline is not None and self._clock() >= self._deadline - margin
 
+    # -- the refresh schedule -------------------------------------------------------------
+
+    # No task waits for a refresh: a timer wakes up when one is due and only then is a
+    # refresh task started (in the client's task group). The wall clock is re-read at
+    # least every _WAKE_SLICE seconds, so a machine that slept, or a loop that woke late,
+    # refreshes at once instead of sending an expired token; that check is one timer for
+    # every client on the event loop, not one wake-up per client.
+
+    def attach(self, spawn: Callable[[Callable[[], Awaitable[None]]], None] | None) -> None:
+        """The client's task group is up (``spawn`` starts a task in it) or gone (None)."""
+        self._spawn = spawn
+        self._schedule()
+
     async def run_refresh_loop(self) -> None:
-        """The background refresh task (runs in the client's task group)."""
-        while True:
-            due = self._refresh_at
-            if due is None or self._fetcher is None or self._signed_out_latch:
-                self._wake.clear()
-                await self._wake.wait()
-                continue
-            remaining = due - self._clock()
-            if remaining > 0:
-                self._wake.clear()
-                with anyio.move_on_after(min(remaining, _WAKE_SLICE)):
-                    await self._wake.wait()
-                continue
-            await self._refresh_once()
+        """Run the refreshes in this task instead (when no client spawns them)."""
+        due = self._due = Flag()
+        try:
+            while True:
+                self._schedule()
+                await due.wait()
+                due.clear()
+                await self._refresh_while_due()
+        finally:
+            self._due = None
+            self._schedule()
+
+    def _schedule(self) -> None:
+        """(Re)arm the wake-up for the refresh due at ``_refresh_at``, or start it."""
+        timer, self._timer = self._timer, None
+        if timer is not None:
+            timer.cancel()
+        due = self._refresh_at
+        if (
+            due is None
+            or self._fetcher is None
+            or self._signed_out_latch
+            or self._closed.is_set()
+            or self._refresh_running
+            or (self._spawn is None and self._due is None)
+        ):
+            self._leave_ticker()
+            return
+        remaining = due - self._clock()
+        if remaining <= 0:
+            self._leave_ticker()
+            if self._due is not None:
+                self._due.set()
+            elif self._spawn is not None:
+                self._refresh_running = True
+                self._spawn(self._refresh_while_due)
+            return
+        if remaining > _WAKE_SLICE and self._ticker is not None:
+            return  # the shared ticker looks again within a slice
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return  # no loop yet: attach() or run_refresh_loop() schedules it
+        if remaining <= _WAKE_SLICE:
+            self._leave_ticker()
+            self._timer = loop.call_later(remaining, self._schedule)
+        else:
+            self._ticker = _Ticker.join(loop, self)
+
+    def _leave_ticker(self) -> None:
+        ticker, self._ticker = self._ticker, None
+        if ticker is not None:
+            ticker.leave(self)
+
+    async def _refresh_while_due(self) -> None:
+        """Refresh while a refresh is due (the refresh task's body)."""
+        self._refresh_running = True
+        try:
+            while True:
+                due = self._refresh_at
+                if (
+                    due is None
+                    or self._fetcher is None
+                    or self._signed_out_latch
+                    or self._closed.is_set()
+                    or due > self._clock()
+                ):
+                    return
+                await self._refresh_once()
+        finally:
+            self._refresh_running = False
+            self._schedule()
 
     async def _refresh_once(self) -> None:
         self._refresh_at = None
@@ -629,3 +710,44 @@ class AuthManager:
         self._same_token_answers = 0
         self._use_token(token, fresh=True)
         self.send_authenticate()
+
+
+class _Ticker:
+    """Every _WAKE_SLICE seconds, re-checks the refresh schedule of every client on one
+    event loop whose refresh is further off than that (a timer, not a task; it stops when
+    no client needs it)."""
+
+    __slots__ = ("__weakref__", "_handle", "_loop", "_managers")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._managers: set[AuthManager] = set()
+        self._handle: asyncio.TimerHandle | None = None
+
+    @classmethod
+    def join(cls, loop: asyncio.AbstractEventLoop, manager: AuthManager) -> _Ticker:
+        ticker = _TICKERS.get(loop)
+        if ticker is None:
+            ticker = _TICKERS[loop] = cls(loop)
+        ticker._managers.add(manager)
+        if ticker._handle is None:
+            ticker._handle = loop.call_later(_WAKE_SLICE, ticker._tick)
+        return ticker
+
+    def leave(self, manager: AuthManager) -> None:
+        self._managers.discard(manager)
+        if not self._managers and self._handle is not None:
+            self._handle.cancel()
+            self._handle = None
+
+    def _tick(self) -> None:
+        self._handle = None
+        for manager in list(self._managers):
+            manager._schedule()  # one whose refresh came near leaves
+        if self._managers and self._handle is None:
+            self._handle = self._loop.call_later(_WAKE_SLICE, self._tick)
+
+
+_TICKERS: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Ticker] = (
+    weakref.WeakKeyDictionary()
+)

@@ -26,6 +26,7 @@ from .._errors import (
     TransportError,
 )
 from .._logging import convex_logger, redact, ws_logger
+from .._signal import Flag
 from .._urls import normalize_base_url, sync_url_for
 from .._version import __version__
 from .._watch import Watched
@@ -208,7 +209,7 @@ class ConvexClient:
         self._has_ever_connected = False
         self._state = ConnectionState.CONNECTING
         self._status = Watched(self._snapshot())
-        self._reconnect_requested = asyncio.Event()
+        self._reconnect_requested = Flag()
         self._socket_scope: anyio.CancelScope | None = None
         self._out: MemoryObjectSendStream[Outgoing] | None = None
         self._runner: asyncio.Task[None] | None = None
@@ -262,15 +263,18 @@ class ConvexClient:
                     await self._session.close()
 
     async def _run_background(self) -> None:
+        # The socket loop runs in the runner task itself; a token refresh gets a task of
+        # its own only while one is due (no task waits for it meanwhile).
         async with anyio.create_task_group() as tg:
-            tg.start_soon(
-                self._guarded, self._connect_forever, name="dartvex_auth_better.convex.socket"
-            )
-            tg.start_soon(
-                self._guarded,
-                self._auth.run_refresh_loop,
-                name="dartvex_auth_better.convex.auth_refresh",
-            )
+
+            def spawn(work: Callable[[], Awaitable[None]]) -> None:
+                tg.start_soon(self._guarded, work, name="dartvex_auth_better.convex.auth_refresh")
+
+            self._auth.attach(spawn)
+            try:
+                await self._guarded(self._connect_forever)
+            finally:
+                self._auth.attach(None)
 
     # -- connection state --------------------------------------------------------------------
 

@@ -338,10 +338,21 @@ async def test_requests_during_a_failing_first_fetch_are_held_back(issuer, conve
 
 
 async def test_leaving_async_with_cancels_the_refresh_task(issuer, convex):
+    # A refresh task exists only while a refresh is due: hold the scheduled one (the
+    # second call) in the token source and leave the block while it is under way.
     source = TokenSource(issuer, ttl=4)
+    refreshing = asyncio.Event()
+
+    async def held(force_refresh: bool) -> str | None:
+        if source.calls:
+            refreshing.set()
+            await asyncio.Event().wait()  # until the client is closed
+        return await source(force_refresh)
+
     async with ConvexClient(convex.url, auth_refresh_leeway=2) as client:
         with anyio.fail_after(10):
-            await client.set_auth(source)
+            await client.set_auth(held)
+            await refreshing.wait()
         names = {t.get_name() for t in asyncio.all_tasks() if not t.done()}
         assert "dartvex_auth_better.convex.auth_refresh" in names
     names = {t.get_name() for t in asyncio.all_tasks() if not t.done()}
