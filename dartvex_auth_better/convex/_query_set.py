@@ -9,14 +9,21 @@ from __future__ import annotations
 
 import asyncio
 import copy
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import msgspec
 
 from .._errors import ConvexError
-from ._protocol import AddQuery, ModifyQuerySet, QueryFailed, QueryUpdated, RemoveQuery
+from ._protocol import (
+    AddQuery,
+    ModifyQuerySet,
+    QueryFailed,
+    QueryRemoved,
+    QueryUpdated,
+    RemoveQuery,
+)
 from ._values import decode_json, decode_raw_or_none
 
 __all__ = ["LocalQuery", "QueryResult", "QuerySet", "canonical_udf_path", "query_token"]
@@ -44,15 +51,17 @@ def query_token(udf_path: str, encoded_args: list[Any]) -> bytes:
     return _args_encoder.encode([udf_path, encoded_args])
 
 
-@dataclass(slots=True)
-class QueryResult:
+class QueryResult(msgspec.Struct):
     """One answer for a query: a value (raw from the server, or a Python value from an
-    optimistic update) or an error."""
+    optimistic update) or an error.
+
+    A msgspec Struct rather than a dataclass: one is made per server update, and a
+    Struct's constructor runs in C (about 90 ns less per Transition)."""
 
     raw: msgspec.Raw | None = None
     value: Any = None
     error: ConvexError | None = None
-    log_lines: list[str] = field(default_factory=list)
+    log_lines: list[str] = msgspec.field(default_factory=list)
 
     def unwrap(self) -> Any:
         """A fresh copy of the value, or raise the query's error."""
@@ -204,6 +213,46 @@ class QuerySet:
             query.journal = journal
         query.server_version += 1
         return query
+
+    def apply_transition(
+        self,
+        modifications: list[QueryUpdated | QueryFailed | QueryRemoved],
+        on_log_lines: Callable[[LocalQuery, QueryResult | None, QueryUpdated | QueryFailed], None],
+    ) -> list[LocalQuery]:
+        """Apply a Transition's modifications in order; returns the queries that changed.
+
+        ``on_log_lines(query, previous_result, modification)`` is called for a result
+        that carries log lines. The common case (a value without log lines) is inlined:
+        it is what a busy subscription does for every frame."""
+        changed: list[LocalQuery] = []
+        by_id = self._by_id
+        for modification in modifications:
+            if type(modification) is QueryUpdated and not modification.log_lines:
+                query = by_id.get(modification.query_id)
+                if query is None:
+                    continue  # the server had not processed our Remove yet
+                if self._awaiting_first_answer:
+                    self._awaiting_first_answer.discard(modification.query_id)
+                query.server = QueryResult(modification.value, None, None, modification.log_lines)
+                journal = modification.journal
+                if journal is not _UNSET:
+                    query.journal = journal
+                query.server_version += 1
+                changed.append(query)
+                continue
+            if isinstance(modification, QueryRemoved):
+                found = self.removed_by_server(modification.query_id)
+            elif modification.log_lines:
+                before = by_id.get(modification.query_id)
+                previous = before.server if before is not None else None
+                found = self.apply(modification)
+                if found is not None:
+                    on_log_lines(found, previous, modification)
+            else:
+                found = self.apply(modification)
+            if found is not None:
+                changed.append(found)
+        return changed
 
     def removed_by_server(self, query_id: int) -> LocalQuery | None:
         """The server dropped a query we still hold: show it as an error to subscribers."""

@@ -26,7 +26,6 @@ from ._protocol import (
     MutationResponse,
     Ping,
     QueryFailed,
-    QueryRemoved,
     QueryUpdated,
     RemoveQuery,
     ServerMessage,
@@ -242,25 +241,7 @@ class SyncCore:
             )
         end = msg.end_version
         end_ts = decode_ts(end.ts)
-        query_set = self.query_set
-        changed: list[LocalQuery] = []
-        for modification in msg.modifications:
-            if isinstance(modification, QueryRemoved):
-                query = query_set.removed_by_server(modification.query_id)
-            elif not modification.log_lines:
-                query = query_set.apply(modification)
-            else:
-                before = query_set.get(modification.query_id)
-                previous = before.server if before is not None else None
-                query = query_set.apply(modification)
-                if query is not None and not _same_result(previous, modification):
-                    # Once per result: the same result again (a reconnect re-sends it)
-                    # does not log again; a removed query's late result is not logged.
-                    log_function_lines(
-                        "query", query.udf_path, modification.log_lines, query_id=query.query_id
-                    )
-            if query is not None:
-                changed.append(query)
+        changed = self.query_set.apply_transition(msg.modifications, self._log_query_lines)
         self.remote_version = end
         if end_ts > self.max_observed_ts:
             self.max_observed_ts = end_ts
@@ -280,6 +261,17 @@ class SyncCore:
             self.auth.on_identity_advanced(start.identity, end.identity)
         if not self._synced:
             self._check_synced()
+
+    @staticmethod
+    def _log_query_lines(
+        query: LocalQuery, previous: QueryResult | None, modification: QueryUpdated | QueryFailed
+    ) -> None:
+        # Once per result: the same result again (a reconnect re-sends it) does not log
+        # again; a removed query's late result is not logged (it is not applied at all).
+        if not _same_result(previous, modification):
+            log_function_lines(
+                "query", query.udf_path, modification.log_lines, query_id=query.query_id
+            )
 
     def _notify_tokens(self, tokens: set[bytes], skip: list[LocalQuery] | None = None) -> None:
         for token in tokens:
