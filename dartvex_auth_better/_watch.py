@@ -21,7 +21,8 @@ class Watched(Generic[T]):
     def __init__(self, value: T) -> None:
         self._value = value
         self._version = 0
-        self._event = asyncio.Event()
+        # Made only when a watcher waits: most values are never watched.
+        self._event: asyncio.Event | None = None
         self._closed = False
         self.watchers = 0
 
@@ -42,8 +43,9 @@ class Watched(Generic[T]):
         self._wake()
 
     def _wake(self) -> None:
-        event, self._event = self._event, asyncio.Event()
-        event.set()
+        event, self._event = self._event, None
+        if event is not None:
+            event.set()
 
     async def changes(self) -> AsyncIterator[T]:
         self.watchers += 1
@@ -54,6 +56,8 @@ class Watched(Generic[T]):
                 if self._version == seen:
                     if self._closed:
                         return
+                    if self._event is None:
+                        self._event = asyncio.Event()
                     await self._event.wait()
                     continue
                 seen = self._version
