@@ -69,6 +69,19 @@ _CONNECT_MARGIN = 2.0
 _RNG = random.Random()
 
 
+# The hooks' defaults (shared, not one closure per client).
+def _nothing() -> None:
+    pass
+
+
+def _nothing_confirmed(first: bool, changed: bool) -> None:
+    pass
+
+
+def _nothing_lost(error: DartvexError) -> None:
+    pass
+
+
 class _SignedOut(Exception):
     """Internal: the token source says the session is over."""
 
@@ -88,6 +101,50 @@ class _Flight:
 
 
 class AuthManager:
+    # One per client: slots keep it small (a dict of this many attributes is not shared).
+    __slots__ = (
+        "__weakref__",
+        "_awaiting_initial",
+        "_awaiting_version",
+        "_base_attempt_timeout",
+        "_clock",
+        "_closed",
+        "_configured",
+        "_confirmed_token",
+        "_deadline",
+        "_due",
+        "_failures",
+        "_fetcher",
+        "_fresh_rejections",
+        "_generation",
+        "_had_confirmation",
+        "_inflight",
+        "_initial_force",
+        "_refresh_at",
+        "_refresh_running",
+        "_retry_not_before",
+        "_rng",
+        "_same_token_answers",
+        "_signed_out_latch",
+        "_spawn",
+        "_ticker",
+        "_timer",
+        "_token_fresh",
+        "_waiters",
+        "expect_auth",
+        "identity_version",
+        "leeway",
+        "on_closed",
+        "on_confirmed",
+        "on_identity_lost",
+        "on_signed_out",
+        "reauth_pending",
+        "refreshing",
+        "reuse_initial_token",
+        "send_authenticate",
+        "token",
+    )
+
     def __init__(
         self,
         *,
@@ -147,16 +204,16 @@ class AuthManager:
         self._rng = _RNG
 
         # Hooks the client sets.
-        self.send_authenticate: Callable[[], None] = lambda: None
+        self.send_authenticate: Callable[[], None] = _nothing
         # Called on every confirmation: whether it is the flow's first, and whether the
         # token differs from the one confirmed before (a reconnect re-confirms the same).
-        self.on_confirmed: Callable[[bool, bool], None] = lambda first, changed: None
-        self.on_signed_out: Callable[[], None] = lambda: None
+        self.on_confirmed: Callable[[bool, bool], None] = _nothing_confirmed
+        self.on_signed_out: Callable[[], None] = _nothing
         # Called when the identity is lost for good (not on an explicit clear): requests
         # made under it must fail rather than run anonymously.
-        self.on_identity_lost: Callable[[DartvexError], None] = lambda error: None
+        self.on_identity_lost: Callable[[DartvexError], None] = _nothing_lost
         # Called once when the client closes (or fails for good).
-        self.on_closed: Callable[[], None] = lambda: None
+        self.on_closed: Callable[[], None] = _nothing
 
     # -- configuration -------------------------------------------------------------------
 
