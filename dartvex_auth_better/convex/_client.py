@@ -701,11 +701,12 @@ class ConvexClient:
                     watchdog = loop.call_later(timeout - idle, check_idle)
 
             watchdog = loop.call_later(timeout, check_idle)
+            receive, clock, handle = ws.receive, loop.time, self._handle_ws_message
             try:
                 while True:
-                    msg = await ws.receive()
-                    last_frame = loop.time()
-                    ended = self._handle_ws_message(ws, msg)
+                    msg = await receive()
+                    last_frame = clock()
+                    ended = handle(ws, msg)
                     if ended is not None:
                         return ended
             finally:

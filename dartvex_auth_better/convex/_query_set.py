@@ -214,6 +214,21 @@ class QuerySet:
         query.server_version += 1
         return query
 
+    def apply_value(self, modification: QueryUpdated) -> LocalQuery | None:
+        """``apply`` for a QueryUpdated without log lines: what a busy subscription gets
+        in every frame, so it is kept to the few steps it needs."""
+        query = self._by_id.get(modification.query_id)
+        if query is None:
+            return None  # the server had not processed our Remove yet
+        if self._awaiting_first_answer:
+            self._awaiting_first_answer.discard(modification.query_id)
+        query.server = QueryResult(modification.value, None, None, modification.log_lines)
+        journal = modification.journal
+        if journal is not _UNSET:
+            query.journal = journal
+        query.server_version += 1
+        return query
+
     def apply_transition(
         self,
         modifications: list[QueryUpdated | QueryFailed | QueryRemoved],
@@ -222,25 +237,13 @@ class QuerySet:
         """Apply a Transition's modifications in order; returns the queries that changed.
 
         ``on_log_lines(query, previous_result, modification)`` is called for a result
-        that carries log lines. The common case (a value without log lines) is inlined:
-        it is what a busy subscription does for every frame."""
+        that carries log lines."""
         changed: list[LocalQuery] = []
         by_id = self._by_id
         for modification in modifications:
             if type(modification) is QueryUpdated and not modification.log_lines:
-                query = by_id.get(modification.query_id)
-                if query is None:
-                    continue  # the server had not processed our Remove yet
-                if self._awaiting_first_answer:
-                    self._awaiting_first_answer.discard(modification.query_id)
-                query.server = QueryResult(modification.value, None, None, modification.log_lines)
-                journal = modification.journal
-                if journal is not _UNSET:
-                    query.journal = journal
-                query.server_version += 1
-                changed.append(query)
-                continue
-            if isinstance(modification, QueryRemoved):
+                found = self.apply_value(modification)
+            elif isinstance(modification, QueryRemoved):
                 found = self.removed_by_server(modification.query_id)
             elif modification.log_lines:
                 before = by_id.get(modification.query_id)
