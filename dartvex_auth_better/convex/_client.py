@@ -10,7 +10,7 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Any, Literal, Self
+from typing import TYPE_CHECKING, Any, Literal, Self
 
 import aiohttp
 import anyio
@@ -34,7 +34,6 @@ from ._auth import AuthManager
 from ._auth_types import AuthProvider, FetchToken
 from ._authed import AuthenticatedConvexClient, SessionT
 from ._optimistic import OptimisticUpdate
-from ._pagination import PaginatedQuery
 from ._protocol import AuthError, FatalError, Transition, TransitionChunk, decode_server_message
 from ._query_set import canonical_udf_path
 from ._subscription import Subscription
@@ -46,6 +45,9 @@ from ._transport import (
     open_socket,
 )
 from ._values import encode_args
+
+if TYPE_CHECKING:
+    from ._pagination import PaginatedQuery
 
 __all__ = ["ConnectionState", "ConnectionStatus", "ConvexClient"]
 
@@ -457,6 +459,8 @@ class ConvexClient:
         the next page.
         """
         self._check_callable()
+        from ._pagination import PaginatedQuery  # loaded on first use
+
         return PaginatedQuery(self._core, canonical_udf_path(name), args, page_size=page_size)
 
     async def mutation(
