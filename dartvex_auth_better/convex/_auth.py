@@ -34,7 +34,6 @@ import random
 import time
 import weakref
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 
 import anyio
 
@@ -90,14 +89,16 @@ class _Superseded(Exception):
     """Internal: a newer set_auth/clear replaced the flow this fetch belonged to."""
 
 
-@dataclass(eq=False)
 class _Flight:
     """The fetch in the single-flight slot: which flow it belongs to, whether it is
     forced, and its outcome for whoever shares it."""
 
-    generation: int
-    force: bool
-    future: asyncio.Future[str | None]
+    __slots__ = ("force", "future", "generation")
+
+    def __init__(self, generation: int, force: bool, future: asyncio.Future[str | None]) -> None:
+        self.generation = generation
+        self.force = force
+        self.future = future
 
 
 class AuthManager:

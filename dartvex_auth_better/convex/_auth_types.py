@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 from typing import Any, Generic, Protocol, TypeVar
+
+import msgspec
 
 __all__ = [
     "AuthEvent",
@@ -72,18 +73,17 @@ class AuthEvent(enum.Enum):
     SIGNED_OUT = "signed_out"  # logout, or the session ended for good
 
 
-@dataclass(frozen=True, slots=True)
-class Unauthenticated:
+# The states are frozen msgspec Structs (equality, hash, repr and match patterns as frozen
+# dataclasses; defining them costs microseconds at import instead of about a millisecond).
+class Unauthenticated(msgspec.Struct, frozen=True):
     """No identity: never signed in, signed out, or the session ended."""
 
 
-@dataclass(frozen=True, slots=True)
-class AuthLoading:
+class AuthLoading(msgspec.Struct, frozen=True):
     """Signing in: waiting for credentials to be checked or the server to confirm."""
 
 
-@dataclass(frozen=True, slots=True)
-class Authenticated(Generic[SessionT]):
+class Authenticated(msgspec.Struct, Generic[SessionT], frozen=True):
     """The Convex server has confirmed the identity of ``session``."""
 
     session: SessionT

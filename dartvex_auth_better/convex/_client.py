@@ -8,13 +8,13 @@ import math
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
-from dataclasses import dataclass
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Literal, Self
 
 import aiohttp
 import anyio
 import anyio.abc
+import msgspec
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from .._errors import (
@@ -71,8 +71,10 @@ class ConnectionState(enum.Enum):
     FATAL = "fatal"  # the server sent FatalError, or the protocol broke for good
 
 
-@dataclass(frozen=True, slots=True)
-class ConnectionStatus:
+# A frozen msgspec Struct rather than a frozen dataclass: the same fields, equality, hash
+# and repr, but defining it costs ~20 us at import instead of ~1 ms, and one is built for
+# every status change.
+class ConnectionStatus(msgspec.Struct, frozen=True):
     """A snapshot of the connection, for dashboards and health checks."""
 
     state: ConnectionState

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 from typing import Any
 
 from ._query_set import LocalQuery, QueryResult, QuerySet, canonical_udf_path, query_token
@@ -26,11 +25,13 @@ __all__ = ["OptimisticLayers", "OptimisticLocalStore", "OptimisticUpdate"]
 _LOADING = object()
 
 
-@dataclass(slots=True)
 class _Entry:
-    udf_path: str
-    args: list[Any]  # encoded, as on the wire
-    value: Any  # a Python value, or _LOADING
+    __slots__ = ("args", "udf_path", "value")
+
+    def __init__(self, udf_path: str, args: list[Any], value: Any) -> None:
+        self.udf_path = udf_path
+        self.args = args  # encoded, as on the wire
+        self.value = value  # a Python value, or _LOADING
 
 
 class OptimisticLocalStore:
