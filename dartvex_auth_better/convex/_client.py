@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import enum
-import math
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
@@ -15,7 +14,7 @@ import aiohttp
 import anyio
 import anyio.abc
 import msgspec
-from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
+from anyio.streams.memory import MemoryObjectSendStream
 
 from .._errors import (
     ClientClosedError,
@@ -34,6 +33,7 @@ from ._auth import AuthManager
 from ._auth_types import AuthProvider, FetchToken
 from ._authed import AuthenticatedConvexClient, SessionT
 from ._optimistic import OptimisticUpdate
+from ._outbox import Outbox, checkpoint_if_cancelled
 from ._protocol import AuthError, FatalError, Transition, TransitionChunk, decode_server_message
 from ._query_set import canonical_udf_path
 from ._subscription import Subscription
@@ -493,6 +493,10 @@ class ConvexClient:
         optimistic_update: OptimisticUpdate | None,
     ) -> Any:
         self._check_callable()
+        if self._core.send is not None and not self._core.paused:
+            # Its frame would be written at once (Outbox.push): a call made where it is
+            # already cancelled must not get that far (it is dropped, never sent).
+            await checkpoint_if_cancelled()
         request = self._core.request(
             kind, canonical_udf_path(name), encode_args(args), optimistic_update
         )
@@ -635,30 +639,32 @@ class ConvexClient:
                 await self._reconnect_requested.wait()
 
     async def _serve_socket(self, ws: aiohttp.ClientWebSocketResponse) -> _SocketEnded:
-        send, receive = anyio.create_memory_object_stream[Outgoing](math.inf)
+        # Frames are written by the task that makes them (Outbox.push); the writer task
+        # only finishes writes the transport made wait, and what queued behind them.
+        outbox = Outbox(ws, self._core.requests)
         # A reconnect_now() made while this socket was connecting is spent: its reason goes
         # out in this Connect, and this socket's own end is judged on its own.
         self._reconnect_requested.clear()
         for frame in self._core.restart():
-            send.send_nowait(frame)
-        self._out = send
+            outbox.push(frame)
         self._chunks = _ChunkBuffer()
-        self._core.send = send.send_nowait
+        self._core.send = outbox.push
         self._has_ever_connected = True
         self._set_state(ConnectionState.CONNECTED)
         ended = _SocketEnded("ReconnectRequested", server_caused=False)
-        self._writing = self._send_failed = False
-        with send, receive, anyio.CancelScope() as scope:
+        with anyio.CancelScope() as scope:
             # reconnect_now() cancels this scope to drop the socket.
             self._socket_scope = scope
-            async with anyio.create_task_group() as tg:
-                tg.start_soon(
-                    self._write_frames, ws, receive, name="dartvex_auth_better.convex.writer"
-                )
-                ended = await self._read_frames(ws)
-                tg.cancel_scope.cancel()
+            try:
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(outbox.run_writer, name="dartvex_auth_better.convex.writer")
+                    ended = await self._read_frames(ws)
+                    outbox.stop()
+                    tg.cancel_scope.cancel()
+            finally:
+                outbox.stop()
         if (
-            (self._send_failed or self._writing)
+            (outbox.send_failed or outbox.writing)
             and ended.server_caused
             and not (ended.close_frame or ended.fatal)
         ):
@@ -667,27 +673,6 @@ class ConvexClient:
             # own reason and backoff; an inactivity timeout or a FatalError keeps its own.
             ended = _SocketEnded("FailedToSendMessage", server_caused=False)
         return ended
-
-    async def _write_frames(
-        self, ws: aiohttp.ClientWebSocketResponse, frames: MemoryObjectReceiveStream[Outgoing]
-    ) -> None:
-        try:
-            async for frame, request_id in frames:
-                if request_id is not None:
-                    if not self._core.requests.should_write(request_id):
-                        continue  # its caller gave up before it reached the wire
-                    # Sent as soon as the write starts (as the official client marks it):
-                    # if the socket dies mid-write the server may have it, so an action
-                    # must not be sent again.
-                    self._core.requests.mark_sent(request_id)
-                self._writing = True
-                await ws.send_frame(frame, aiohttp.WSMsgType.TEXT)
-                self._writing = False
-        except (aiohttp.ClientError, ConnectionError, RuntimeError) as exc:
-            # The reader sees the socket close; the loop reconnects as FailedToSendMessage.
-            ws_logger.info("send failed: %s", type(exc).__name__)
-            self._send_failed = True
-            await ws.close()
 
     async def _read_frames(self, ws: aiohttp.ClientWebSocketResponse) -> _SocketEnded:
         # Inactivity: one timer that re-arms itself, rather than a timeout around every
