@@ -9,8 +9,19 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from typing import Protocol
 
-__all__ = ["Flag"]
+__all__ = ["Flag", "Waker"]
+
+
+class Waker(Protocol):
+    """What a query wakes on change: a Flag (or an asyncio.Event)."""
+
+    def set(self) -> None: ...
+
+    def clear(self) -> None: ...
+
+    def is_set(self) -> bool: ...
 
 
 class Flag:

@@ -9,14 +9,13 @@ query's journal, which the sync core sends back after a reconnect), so pages gro
 shrink in place and the list never has gaps or duplicates.
 
 Everything happens synchronously when the state is read (``current``, ``next()``,
-``load_more()``): one asyncio.Event wakes the reader when any page changes, and the
+``load_more()``): one Flag wakes the reader when any page changes, and the
 reader then reconciles splits and restarts and builds a fresh snapshot. No background
 task is involved.
 """
 
 from __future__ import annotations
 
-import asyncio
 import enum
 import itertools
 from collections.abc import AsyncGenerator, Mapping
@@ -25,6 +24,7 @@ from typing import Any, Self
 
 from .._errors import ConvexError, DartvexError
 from .._logging import convex_logger
+from .._signal import Flag
 from ._query_set import LocalQuery
 from ._sync import SyncCore
 from ._values import encode_args, encode_value
@@ -193,7 +193,7 @@ class PaginatedQuery:
         self.name = udf_path
         self._core = core
         self._base_args: dict[str, Any] = base
-        self._waker = asyncio.Event()
+        self._waker = Flag()
         # Subscriptions per query: two pages could in principle name the same query, and
         # the shared waker must stay registered until the last of them is gone.
         self._refs: dict[LocalQuery, int] = {}

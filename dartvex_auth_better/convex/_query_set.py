@@ -7,7 +7,6 @@ synchronous bookkeeping; the sync core decides what to send.
 
 from __future__ import annotations
 
-import asyncio
 import copy
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -16,6 +15,7 @@ from typing import Any
 import msgspec
 
 from .._errors import ConvexError
+from .._signal import Waker
 from ._protocol import (
     AddQuery,
     ModifyQuerySet,
@@ -96,7 +96,7 @@ class LocalQuery:
     version: int = 0
     # Bumped only on server results: one-shot query() waits for the server, not overlays.
     server_version: int = 0
-    subscribers: set[asyncio.Event] = field(default_factory=set)
+    subscribers: set[Waker] = field(default_factory=set)
 
     @property
     def effective(self) -> QueryResult | None:
@@ -147,7 +147,7 @@ class QuerySet:
         return self._by_token.get(token)
 
     def subscribe(
-        self, udf_path: str, encoded_args: list[Any], waker: asyncio.Event
+        self, udf_path: str, encoded_args: list[Any], waker: Waker
     ) -> tuple[LocalQuery, AddQuery | None]:
         """Register a subscriber; returns the query and the Add to send when it is new."""
         token = query_token(udf_path, encoded_args)
@@ -162,7 +162,7 @@ class QuerySet:
         self._by_id[query.query_id] = query
         return query, query.add_modification()
 
-    def unsubscribe(self, query: LocalQuery, waker: asyncio.Event) -> RemoveQuery | None:
+    def unsubscribe(self, query: LocalQuery, waker: Waker) -> RemoveQuery | None:
         """Drop a subscriber; returns the Remove to send when it was the last one."""
         query.subscribers.discard(waker)
         if query.subscribers or self._by_id.get(query.query_id) is not query:

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 from collections.abc import AsyncGenerator
 from typing import Any, Self
 
+from .._signal import Flag
 from ._query_set import LocalQuery
 from ._sync import SyncCore
 
@@ -29,7 +29,7 @@ class Subscription:
 
     def __init__(self, core: SyncCore, udf_path: str, args: list[Any]) -> None:
         self._core = core
-        self._waker = asyncio.Event()
+        self._waker = Flag()  # no waiter deque until next() waits
         self._query: LocalQuery | None = core.subscribe(udf_path, args, self._waker)
         self._seen_version = 0
         self.name = udf_path
