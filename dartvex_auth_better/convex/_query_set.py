@@ -32,8 +32,16 @@ _args_encoder = msgspec.json.Encoder()
 _UNSET = msgspec.UNSET
 
 
+_canonical: dict[str, str] = {}  # names already canonicalised (apps use a few, over and over)
+_CANONICAL_LIMIT = 4096
+
+
 def canonical_udf_path(name: str) -> str:
     """``"messages.js:list"`` and ``"messages:list"`` name the same function."""
+    if type(name) is str:
+        known = _canonical.get(name)
+        if known is not None:
+            return known
     if not isinstance(name, str) or not name:
         raise ValueError("function name must be a non-empty string such as 'messages:list'")
     module, sep, export = name.rpartition(":")
@@ -43,7 +51,12 @@ def canonical_udf_path(name: str) -> str:
         module = module[:-3]
     if not module or not export:
         raise ValueError(f"invalid function name {name!r}; expected 'module:function'")
-    return f"{module}:{export}"
+    canonical = f"{module}:{export}"
+    if type(name) is str:
+        if len(_canonical) >= _CANONICAL_LIMIT:
+            _canonical.clear()
+        _canonical[name] = canonical
+    return canonical
 
 
 def query_token(udf_path: str, encoded_args: list[Any]) -> bytes:

@@ -55,6 +55,7 @@ class SyncCore:
         self.optimistic = OptimisticLayers(self.query_set)
         self.auth = auth if auth is not None else AuthManager()
         self.remote_version = INITIAL_VERSION
+        self._remote_ts = 0  # remote_version.ts, decoded (set with it)
         self.max_observed_ts = 0
         self.connection_count = 0
         self.last_close_reason: str | None = "InitialConnect"
@@ -89,12 +90,13 @@ class SyncCore:
     # -- user operations ------------------------------------------------------------------
 
     def _emit(self, frame: bytes, request_id: int | None = None) -> None:
-        if self.send is None:
+        send = self._send
+        if send is None:
             return
         if self.paused:
             self._held.append((frame, request_id))
         else:
-            self.send((frame, request_id))
+            send((frame, request_id))
 
     def pause(self) -> None:
         """Hold every frame back (while the first token of a flow is being fetched), so
@@ -183,6 +185,7 @@ class SyncCore:
         self._held = []  # rebuilt below from state
         self.auth.reset_socket()
         self.remote_version = INITIAL_VERSION
+        self._remote_ts = 0
         connect = Connect(
             session_id=self.session_id,
             connection_count=self.connection_count,
@@ -212,12 +215,16 @@ class SyncCore:
         if isinstance(msg, Transition):
             self.handle_transition(msg)
         elif isinstance(msg, MutationResponse | ActionResponse):
+            ts: int | None = None
             if isinstance(msg, MutationResponse) and msg.success and msg.ts is not None:
-                self.max_observed_ts = max(self.max_observed_ts, decode_ts(msg.ts))
-            dropped = self.requests.on_response(msg, decode_ts(self.remote_version.ts))
+                ts = decode_ts(msg.ts)
+                if ts > self.max_observed_ts:
+                    self.max_observed_ts = ts
+            dropped = self.requests.on_response(msg, self._remote_ts, ts)
             if dropped:
                 self._notify_tokens(self.optimistic.rebuild(dropped))
-            self._check_synced()
+            if not self._synced:
+                self._check_synced()
         elif isinstance(msg, AuthError):
             self.on_auth_error(msg)
         elif isinstance(msg, FatalError):
@@ -253,6 +260,7 @@ class SyncCore:
             # below, minus those that would do nothing.
             query = self.query_set.apply_value(mods[0])
             self.remote_version = end
+            self._remote_ts = end_ts
             if end_ts > self.max_observed_ts:
                 self.max_observed_ts = end_ts
             if query is not None:
@@ -260,6 +268,7 @@ class SyncCore:
         else:
             changed = self.query_set.apply_transition(mods, self._log_query_lines)
             self.remote_version = end
+            self._remote_ts = end_ts
             if end_ts > self.max_observed_ts:
                 self.max_observed_ts = end_ts
             completed = self.requests.on_transition(end_ts) if self.requests._inflight else None

@@ -103,6 +103,23 @@ def encode_value(value: Any) -> Any:
     Raises ``TypeError`` for a type Convex cannot hold and ``ValueError`` for a value out
     of range or a bad field name.
     """
+    # Fast paths for what arguments mostly are (the same results as the general code
+    # below, which handles everything else and raises its errors).
+    kind = type(value)
+    if kind is str:
+        return value
+    if kind is float:
+        if value != 0.0 and value - value == 0.0:  # finite and not -0.0 (nor 0.0)
+            return value
+    elif kind is dict:
+        keys = list(value)
+        if all(type(key) is str for key in keys):
+            keys.sort()
+            valid = _valid_names
+            return {
+                (key if key in valid else _checked_name(key, ValueError)): encode_value(value[key])
+                for key in keys
+            }
     if value is None or value is True or value is False or isinstance(value, str):
         return value
     if isinstance(value, Int64):
@@ -183,7 +200,7 @@ def decode_json(raw: bytes | msgspec.Raw) -> Any:
     Otherwise the freshly decoded structure, which nobody else holds, is converted in
     place. Raises ``msgspec.DecodeError`` for text that is not JSON.
     """
-    data = raw if isinstance(raw, bytes) else bytes(raw)
+    data = raw if type(raw) is bytes else bytes(raw)
     decoded = msgspec.json.decode(data)
     if (
         data.isascii()
@@ -196,8 +213,9 @@ def decode_json(raw: bytes | msgspec.Raw) -> Any:
     return _decode_in_place(decoded)
 
 
-def _checked_name(name: object) -> str:
-    checked = _check_field_name(name, ProtocolError)
+def _checked_name(name: object, exc_type: type[Exception] = ProtocolError) -> str:
+    """Check a field name (the same rule both ways) and remember it as valid."""
+    checked = _check_field_name(name, exc_type)
     if len(_valid_names) >= _VALID_NAMES_LIMIT:
         _valid_names.clear()
     _valid_names.add(checked)
