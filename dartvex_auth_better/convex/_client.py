@@ -12,9 +12,7 @@ from typing import TYPE_CHECKING, Any, Literal, Self
 
 import aiohttp
 import anyio
-import anyio.abc
 import msgspec
-from anyio.streams.memory import MemoryObjectSendStream
 
 from .._errors import (
     ClientClosedError,
@@ -37,7 +35,7 @@ from ._outbox import Outbox, checkpoint_if_cancelled
 from ._protocol import AuthError, FatalError, Transition, TransitionChunk, decode_server_message
 from ._query_set import canonical_udf_path
 from ._subscription import Subscription
-from ._sync import Outgoing, SyncCore
+from ._sync import SyncCore
 from ._transport import (
     CLIENT_INITIAL_BACKOFF,
     backoff_delay,
@@ -215,7 +213,6 @@ class ConvexClient:
         self._status = Watched(self._snapshot())
         self._reconnect_requested = Flag()
         self._socket_scope: anyio.CancelScope | None = None
-        self._out: MemoryObjectSendStream[Outgoing] | None = None
         self._runner: asyncio.Task[None] | None = None
         self._started = False
         self._closing = False
@@ -593,7 +590,6 @@ class ConvexClient:
                     ended = await self._serve_socket(ws)
                 finally:
                     self._socket_scope = None
-                    self._out = None
                     self._core.send = None
                     with anyio.CancelScope(shield=True):
                         await ws.close()
@@ -768,6 +764,5 @@ class ConvexClient:
         self._set_state(state)
         self._auth.close()
         self._core.terminate(error)
-        self._out = None
         self._status.set(self._snapshot())
         self._status.close()
