@@ -133,7 +133,7 @@ class SyncCore:
     def _modify(self, change: AddQuery | RemoveQuery) -> None:
         # While disconnected the change lives only in the query set; the restart
         # ModifyQuerySet on the next socket carries the whole set.
-        if self.send is not None:
+        if self._send is not None:
             self._emit(encode_client_message(self.query_set.modify([change])))
 
     def request(
@@ -330,7 +330,7 @@ class SyncCore:
         """True when the query's server result is current: the socket is open and the
         result arrived on it (not carried over from before a reconnect)."""
         return (
-            self.send is not None
+            self._send is not None
             and query.server is not None
             and self.query_set.answered_since_restart(query.query_id)
         )

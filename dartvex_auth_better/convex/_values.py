@@ -113,7 +113,10 @@ def encode_value(value: Any) -> Any:
             return value
     elif kind is dict:
         keys = list(value)
-        if all(type(key) is str for key in keys):
+        for key in keys:
+            if type(key) is not str:
+                break
+        else:
             keys.sort()
             valid = _valid_names
             return {
