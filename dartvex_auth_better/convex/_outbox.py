@@ -15,7 +15,6 @@ dropped, never sent.
 
 from __future__ import annotations
 
-import asyncio
 from collections import deque
 from collections.abc import Coroutine, Generator
 from typing import Any
@@ -24,6 +23,7 @@ import aiohttp
 from anyio.lowlevel import checkpoint_if_cancelled
 
 from .._logging import ws_logger
+from .._signal import Flag
 from ._requests import RequestManager
 from ._sync import Outgoing
 
@@ -40,7 +40,7 @@ class Outbox:
         self._ws = ws
         self._requests = requests
         self._frames: deque[Outgoing] = deque()
-        self._wake = asyncio.Event()
+        self._wake = Flag()  # no waiter deque until the writer waits
         # Writing from the caller is only safe without compression (a compressed write
         # takes a lock and may run in a task of its own).
         self._direct = not ws.compress
