@@ -55,6 +55,7 @@ __all__ = ["ConnectionState", "ConnectionStatus", "ConvexClient"]
 # (catching up after a reconnect is not enough: a server can sync and then send garbage).
 _MAX_PROTOCOL_FAILURES = 3
 _STABLE_SOCKET_SECONDS = 60.0
+_CLIENT_HEADER = f"python-dartvex-auth-better-{__version__}"
 _TEXT = aiohttp.WSMsgType.TEXT
 _BINARY = aiohttp.WSMsgType.BINARY
 
@@ -191,7 +192,7 @@ class ConvexClient:
         self._owns_session = session is None
         self._connect_timeout = connect_timeout
         self._inactivity_timeout = inactivity_timeout
-        self._client_header = f"python-dartvex-auth-better-{__version__}"
+        self._client_header = _CLIENT_HEADER
 
         self._auth = AuthManager(
             leeway=auth_refresh_leeway,
@@ -214,6 +215,7 @@ class ConvexClient:
         self._reconnect_requested = Flag()
         self._socket_scope: anyio.CancelScope | None = None
         self._runner: asyncio.Task[None] | None = None
+        self._tg: anyio.abc.TaskGroup | None = None
         self._started = False
         self._closing = False
 
@@ -267,15 +269,23 @@ class ConvexClient:
         # The socket loop runs in the runner task itself; a token refresh gets a task of
         # its own only while one is due (no task waits for it meanwhile).
         async with anyio.create_task_group() as tg:
-
-            def spawn(work: Callable[[], Awaitable[None]]) -> None:
-                tg.start_soon(self._guarded, work, name="dartvex_auth_better.convex.auth_refresh")
-
-            self._auth.attach(spawn)
+            self._tg = tg
+            self._auth.attach(self._spawn)
             try:
-                await self._guarded(self._connect_forever)
+                await self._connect_forever()
+            except ClientClosedError:
+                pass  # closing: nothing to report
+            except Exception as exc:
+                self._failed_internally(exc)
             finally:
                 self._auth.attach(None)
+                self._tg = None
+                self._stop_if_terminal()
+
+    def _spawn(self, work: Callable[[], Awaitable[None]]) -> None:
+        """Start a background task (a token refresh) in the client's task group."""
+        if self._tg is not None:
+            self._tg.start_soon(self._guarded, work, name="dartvex_auth_better.convex.auth_refresh")
 
     # -- connection state --------------------------------------------------------------------
 
@@ -527,16 +537,22 @@ class ConvexClient:
         except ClientClosedError:
             pass  # closing: nothing to report
         except Exception as exc:
-            # A bug must not leave callers hanging: fail everything with a typed error.
-            convex_logger.exception("a Convex client background task failed")
-            self._terminate(
-                DartvexError(f"the Convex client failed internally: {type(exc).__name__}"),
-                ConnectionState.FATAL,
-            )
+            self._failed_internally(exc)
         finally:
-            if self._core.terminal_error is not None and self._runner is not None:
-                # Nothing more to do: stop the sibling tasks too.
-                self._runner.cancel()
+            self._stop_if_terminal()
+
+    def _failed_internally(self, exc: Exception) -> None:
+        # A bug must not leave callers hanging: fail everything with a typed error.
+        convex_logger.exception("a Convex client background task failed", exc_info=exc)
+        self._terminate(
+            DartvexError(f"the Convex client failed internally: {type(exc).__name__}"),
+            ConnectionState.FATAL,
+        )
+
+    def _stop_if_terminal(self) -> None:
+        if self._core.terminal_error is not None and self._runner is not None:
+            # Nothing more to do: stop the sibling tasks too.
+            self._runner.cancel()
 
     async def _connect_forever(self) -> None:
         assert self._session is not None
