@@ -32,7 +32,17 @@ from ._auth_types import AuthProvider, FetchToken
 from ._authed import AuthenticatedConvexClient, SessionT
 from ._optimistic import OptimisticUpdate
 from ._outbox import Outbox, checkpoint_if_cancelled
-from ._protocol import AuthError, FatalError, Transition, TransitionChunk, decode_server_message
+from ._protocol import (
+    AuthError,
+    DecodeError,
+    FatalError,
+    Transition,
+    TransitionChunk,
+    check_server_message,
+    decode_error,
+    decode_frame,
+    decode_server_message,
+)
 from ._query_set import canonical_udf_path
 from ._subscription import Subscription
 from ._sync import SyncCore
@@ -740,11 +750,15 @@ class ConvexClient:
         else:
             return _SocketEnded("WebSocketError", server_caused=False)
         try:
-            server_msg = decode_server_message(data)
+            try:
+                server_msg = decode_frame(data)
+            except DecodeError as exc:
+                raise decode_error(exc) from None
             if type(server_msg) is Transition and not self._chunks._parts:
                 # The common case first: one whole Transition.
                 self._core.handle_transition(server_msg)
             else:
+                check_server_message(server_msg)
                 if isinstance(server_msg, TransitionChunk):
                     whole = self._chunks.add(server_msg)
                     if whole is None:

@@ -225,13 +225,28 @@ ServerMessage = (
 
 _decoder = msgspec.json.Decoder(ServerMessage)
 
+# The socket loop's split of decode_server_message, one call less per frame: decode_frame
+# (raises msgspec.DecodeError, reported as decode_server_message reports it), then
+# check_server_message for anything but a Transition.
+decode_frame = _decoder.decode
+DecodeError = msgspec.DecodeError
+
+
+def decode_error(exc: msgspec.DecodeError) -> ProtocolError:
+    return ProtocolError(f"invalid server message: {exc}")
+
+
+def check_server_message(msg: ServerMessage) -> ServerMessage:
+    """The checks beyond the types (a Transition needs none)."""
+    if type(msg) is MutationResponse and msg.success and msg.ts is None:
+        raise ProtocolError("invalid server message: successful MutationResponse without ts")
+    return msg
+
 
 def decode_server_message(data: bytes | str) -> ServerMessage:
     """Parse one server frame. Raises ProtocolError for anything that is not a valid message."""
     try:
         msg: ServerMessage = _decoder.decode(data)
     except msgspec.DecodeError as exc:
-        raise ProtocolError(f"invalid server message: {exc}") from None
-    if type(msg) is MutationResponse and msg.success and msg.ts is None:
-        raise ProtocolError("invalid server message: successful MutationResponse without ts")
-    return msg
+        raise decode_error(exc) from None
+    return check_server_message(msg)
