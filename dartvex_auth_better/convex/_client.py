@@ -699,22 +699,25 @@ class ConvexClient:
     async def _read_frames(self, ws: aiohttp.ClientWebSocketResponse) -> _SocketEnded:
         # Inactivity: one timer that re-arms itself, rather than a timeout around every
         # receive (that setup and teardown was a third of the per-frame cost).
+        # Frames are timed with time.monotonic (one C call; loop.time() wraps it in a
+        # Python call), the timer only needs relative delays.
         loop = asyncio.get_running_loop()
+        clock = time.monotonic
         timeout = self._inactivity_timeout
-        last_frame = loop.time()
+        last_frame = clock()
         watchdog: asyncio.TimerHandle | None = None
         with anyio.CancelScope() as idle_scope:
 
             def check_idle() -> None:
                 nonlocal watchdog
-                idle = loop.time() - last_frame
+                idle = clock() - last_frame
                 if idle >= timeout:
                     idle_scope.cancel()
                 else:
                     watchdog = loop.call_later(timeout - idle, check_idle)
 
             watchdog = loop.call_later(timeout, check_idle)
-            receive, clock, handle = ws.receive, loop.time, self._handle_ws_message
+            receive, handle = ws.receive, self._handle_ws_message
             try:
                 while True:
                     msg = await receive()
