@@ -29,11 +29,13 @@ Rules it keeps:
 from __future__ import annotations
 
 import asyncio
+import heapq
 import logging
 import random
 import time
 import weakref
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 import anyio
 
@@ -129,6 +131,7 @@ class AuthManager:
         "_signed_out_latch",
         "_spawn",
         "_ticker",
+        "_ticker_entry",
         "_timer",
         "_token_fresh",
         "_waiters",
@@ -188,6 +191,7 @@ class AuthManager:
         # refresh is under one slice away, before that one shared per event loop.
         self._timer: asyncio.TimerHandle | None = None
         self._ticker: _Ticker | None = None
+        self._ticker_entry: _Entry | None = None
         self._refresh_running = False
         # How a due refresh runs: spawned by the client (attach), or woken in
         # run_refresh_loop's task.
@@ -713,22 +717,25 @@ class AuthManager:
                 self._refresh_running = True
                 self._spawn(self._refresh_while_due)
             return
-        if remaining > _WAKE_SLICE and self._ticker is not None:
-            return  # the shared ticker looks again within a slice
+        entry = self._ticker_entry
+        if remaining > _WAKE_SLICE and entry is not None and entry[0] == due:
+            return  # the shared ticker looks again in time
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:
             return  # no loop yet: attach() or run_refresh_loop() schedules it
+        self._leave_ticker()
         if remaining <= _WAKE_SLICE:
-            self._leave_ticker()
             self._timer = loop.call_later(remaining, self._schedule)
         else:
-            self._ticker = _Ticker.join(loop, self)
+            self._ticker = _Ticker.for_clock(loop, self._clock)
+            self._ticker_entry = self._ticker.join(self, due)
 
     def _leave_ticker(self) -> None:
         ticker, self._ticker = self._ticker, None
-        if ticker is not None:
-            ticker.leave(self)
+        entry, self._ticker_entry = self._ticker_entry, None
+        if ticker is not None and entry is not None:
+            ticker.leave(entry)
 
     async def _refresh_while_due(self) -> None:
         """Refresh while a refresh is due (the refresh task's body)."""
@@ -770,42 +777,78 @@ class AuthManager:
         self.send_authenticate()
 
 
+# A ticker entry: [due (wall clock), sequence number, manager or None once withdrawn].
+_Entry = list[Any]
+
+
 class _Ticker:
-    """Every _WAKE_SLICE seconds, re-checks the refresh schedule of every client on one
-    event loop whose refresh is further off than that (a timer, not a task; it stops when
-    no client needs it)."""
+    """Every _WAKE_SLICE seconds, re-reads the wall clock for every client on one event
+    loop whose refresh is further off than that (a timer, not a task; it stops when no
+    client needs it). Entries are kept in a heap by due time, so a tick only visits the
+    clients whose refresh has come within a slice: idle clients cost nothing."""
 
-    __slots__ = ("__weakref__", "_handle", "_loop", "_managers")
+    __slots__ = ("__weakref__", "_clock", "_handle", "_heap", "_live", "_loop", "_seq")
 
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop, clock: Callable[[], float]) -> None:
         self._loop = loop
-        self._managers: set[AuthManager] = set()
+        self._clock = clock
+        self._heap: list[_Entry] = []
+        self._live = 0
+        self._seq = 0
         self._handle: asyncio.TimerHandle | None = None
 
     @classmethod
-    def join(cls, loop: asyncio.AbstractEventLoop, manager: AuthManager) -> _Ticker:
-        ticker = _TICKERS.get(loop)
+    def for_clock(cls, loop: asyncio.AbstractEventLoop, clock: Callable[[], float]) -> _Ticker:
+        by_clock = _TICKERS.get(loop)
+        if by_clock is None:
+            by_clock = _TICKERS[loop] = {}
+        ticker = by_clock.get(clock)
         if ticker is None:
-            ticker = _TICKERS[loop] = cls(loop)
-        ticker._managers.add(manager)
-        if ticker._handle is None:
-            ticker._handle = loop.call_later(_WAKE_SLICE, ticker._tick)
+            ticker = by_clock[clock] = cls(loop, clock)
         return ticker
 
-    def leave(self, manager: AuthManager) -> None:
-        self._managers.discard(manager)
-        if not self._managers and self._handle is not None:
-            self._handle.cancel()
-            self._handle = None
+    def join(self, manager: AuthManager, due: float) -> _Entry:
+        self._seq += 1
+        entry: _Entry = [due, self._seq, manager]
+        heapq.heappush(self._heap, entry)
+        self._live += 1
+        if self._handle is None:
+            self._handle = self._loop.call_later(_WAKE_SLICE, self._tick)
+        return entry
+
+    def leave(self, entry: _Entry) -> None:
+        if entry[2] is None:
+            return
+        entry[2] = None  # withdrawn: skipped when it comes up (no reference kept)
+        self._live -= 1
+        if not self._live:
+            self._heap.clear()
+            if self._handle is not None:
+                self._handle.cancel()
+                self._handle = None
+        elif len(self._heap) > 2 * self._live + 64:
+            self._heap = [e for e in self._heap if e[2] is not None]
+            heapq.heapify(self._heap)
 
     def _tick(self) -> None:
         self._handle = None
-        for manager in list(self._managers):
-            manager._schedule()  # one whose refresh came near leaves
-        if self._managers and self._handle is None:
+        heap = self._heap
+        limit = self._clock() + _WAKE_SLICE
+        while heap and heap[0][0] <= limit:
+            entry = heapq.heappop(heap)
+            manager: AuthManager | None = entry[2]
+            if manager is None:
+                continue
+            entry[2] = None
+            self._live -= 1
+            manager._ticker = manager._ticker_entry = None
+            manager._schedule()  # its own timer now, or the refresh itself
+        if not self._live:
+            heap.clear()
+        elif self._handle is None:
             self._handle = self._loop.call_later(_WAKE_SLICE, self._tick)
 
 
-_TICKERS: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Ticker] = (
-    weakref.WeakKeyDictionary()
-)
+_TICKERS: weakref.WeakKeyDictionary[
+    asyncio.AbstractEventLoop, dict[Callable[[], float], _Ticker]
+] = weakref.WeakKeyDictionary()
