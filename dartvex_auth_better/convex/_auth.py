@@ -7,13 +7,14 @@ Rules it keeps:
   before it is sent.
 * Auth counts as confirmed only when a Transition raises the identity version past the
   Authenticate that carried the token.
-* A background task replaces the token ``leeway`` seconds before it expires (delay from
+* A task replaces the token ``leeway`` seconds before it expires (delay from
   the token's own lifetime, clamped to what is left of it by the wall clock; the leeway is
   capped at half the lifetime so short-lived tokens never cause a refresh storm). The
   delay is shortened at random by up to 15%, never lengthened, so that clients which
-  signed in together do not refresh together. It sleeps in short slices and re-reads
-  the wall clock each time, so a machine that slept, or a loop that woke late, refreshes
-  at once instead of sending an expired token.
+  signed in together do not refresh together. The wall clock is re-read at least every
+  few seconds (one shared timer, see _Ticker; the task is started only when the refresh
+  is due), so a machine that slept, or a loop that woke late, refreshes at once instead
+  of sending an expired token.
 * Transient fetch failures (anything but ``None`` or SessionExpiredError) never sign the
   user out: they are retried with jittered backoff while the session is kept. ``None`` or
   SessionExpiredError signs out exactly once, and nothing is fetched again until the next
