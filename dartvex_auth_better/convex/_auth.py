@@ -730,7 +730,7 @@ class AuthManager:
             self._timer = loop.call_later(remaining, self._schedule)
         else:
             self._ticker = _Ticker.for_clock(loop, self._clock)
-            self._ticker_entry = self._ticker.join(self, due)
+            self._ticker_entry = self._ticker.join(loop, self, due)
 
     def _leave_ticker(self) -> None:
         ticker, self._ticker = self._ticker, None
@@ -778,7 +778,8 @@ class AuthManager:
         self.send_authenticate()
 
 
-# A ticker entry: [due (wall clock), sequence number, manager or None once withdrawn].
+# A ticker entry: [due (wall clock), sequence number, weak reference to the manager, or
+# None once withdrawn].
 _Entry = list[Any]
 
 
@@ -786,17 +787,20 @@ class _Ticker:
     """Every _WAKE_SLICE seconds, re-reads the wall clock for every client on one event
     loop whose refresh is further off than that (a timer, not a task; it stops when no
     client needs it). Entries are kept in a heap by due time, so a tick only visits the
-    clients whose refresh has come within a slice: idle clients cost nothing."""
+    clients whose refresh has come within a slice: idle clients cost nothing.
 
-    __slots__ = ("__weakref__", "_clock", "_handle", "_heap", "_live", "_loop", "_seq")
+    It holds no strong reference to a client nor to the loop (which keys _TICKERS
+    weakly): a client that was never closed, or a loop that ended with clients still
+    open, is not kept alive by it."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, clock: Callable[[], float]) -> None:
-        self._loop = loop
+    __slots__ = ("__weakref__", "_armed", "_clock", "_heap", "_live", "_seq")
+
+    def __init__(self, clock: Callable[[], float]) -> None:
         self._clock = clock
         self._heap: list[_Entry] = []
         self._live = 0
         self._seq = 0
-        self._handle: asyncio.TimerHandle | None = None
+        self._armed = False  # a tick is pending (when nobody is left, it finds nothing)
 
     @classmethod
     def for_clock(cls, loop: asyncio.AbstractEventLoop, clock: Callable[[], float]) -> _Ticker:
@@ -805,49 +809,51 @@ class _Ticker:
             by_clock = _TICKERS[loop] = {}
         ticker = by_clock.get(clock)
         if ticker is None:
-            ticker = by_clock[clock] = cls(loop, clock)
+            ticker = by_clock[clock] = cls(clock)
         return ticker
 
-    def join(self, manager: AuthManager, due: float) -> _Entry:
+    def join(self, loop: asyncio.AbstractEventLoop, manager: AuthManager, due: float) -> _Entry:
         self._seq += 1
-        entry: _Entry = [due, self._seq, manager]
+        entry: _Entry = [due, self._seq, weakref.ref(manager)]
         heapq.heappush(self._heap, entry)
         self._live += 1
-        if self._handle is None:
-            self._handle = self._loop.call_later(_WAKE_SLICE, self._tick)
+        if not self._armed:
+            self._armed = True
+            loop.call_later(_WAKE_SLICE, self._tick)
         return entry
 
     def leave(self, entry: _Entry) -> None:
         if entry[2] is None:
             return
-        entry[2] = None  # withdrawn: skipped when it comes up (no reference kept)
+        entry[2] = None  # withdrawn: skipped when it comes up
         self._live -= 1
         if not self._live:
             self._heap.clear()
-            if self._handle is not None:
-                self._handle.cancel()
-                self._handle = None
         elif len(self._heap) > 2 * self._live + 64:
             self._heap = [e for e in self._heap if e[2] is not None]
             heapq.heapify(self._heap)
 
     def _tick(self) -> None:
-        self._handle = None
+        self._armed = False
         heap = self._heap
         limit = self._clock() + _WAKE_SLICE
         while heap and heap[0][0] <= limit:
             entry = heapq.heappop(heap)
-            manager: AuthManager | None = entry[2]
-            if manager is None:
+            ref = entry[2]
+            if ref is None:
                 continue
             entry[2] = None
             self._live -= 1
+            manager: AuthManager | None = ref()
+            if manager is None:
+                continue  # dropped without being closed
             manager._ticker = manager._ticker_entry = None
             manager._schedule()  # its own timer now, or the refresh itself
         if not self._live:
             heap.clear()
-        elif self._handle is None:
-            self._handle = self._loop.call_later(_WAKE_SLICE, self._tick)
+        elif not self._armed:
+            self._armed = True
+            asyncio.get_running_loop().call_later(_WAKE_SLICE, self._tick)
 
 
 _TICKERS: weakref.WeakKeyDictionary[
