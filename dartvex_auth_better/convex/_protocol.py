@@ -135,8 +135,23 @@ _encoder = msgspec.json.Encoder()
 
 
 def encode_client_message(msg: _ClientMsg) -> bytes:
-    """Serialise one client message to the JSON text of a frame."""
-    return _encoder.encode(msg)
+    """Serialise one client message to the JSON text of a frame.
+
+    Raises ValueError for what JSON text cannot carry (a lone surrogate in a string) or
+    what is nested too deeply (the values in a message were checked by ``encode_value``
+    already, so for them this is only a second line of defence)."""
+    try:
+        return _encoder.encode(msg)
+    except (UnicodeEncodeError, RecursionError) as exc:
+        raise ValueError(
+            f"the {type(msg).__name__} message cannot be encoded: {_why(exc)}"
+        ) from None
+
+
+def _why(exc: UnicodeEncodeError | RecursionError) -> str:
+    if isinstance(exc, UnicodeEncodeError):
+        return "a string contains a lone surrogate, which is not valid Unicode text"
+    return "a value is nested too deeply"
 
 
 # ---------------------------------------------------------------------------------------

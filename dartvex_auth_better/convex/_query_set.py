@@ -51,6 +51,14 @@ def canonical_udf_path(name: str) -> str:
         module = module[:-3]
     if not module or not export:
         raise ValueError(f"invalid function name {name!r}; expected 'module:function'")
+    if not name.isascii():
+        try:
+            name.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ValueError(
+                "invalid function name: it contains a lone surrogate, which is not valid "
+                "Unicode text"
+            ) from None
     canonical = f"{module}:{export}"
     if type(name) is str:
         if len(_canonical) >= _CANONICAL_LIMIT:
@@ -60,8 +68,19 @@ def canonical_udf_path(name: str) -> str:
 
 
 def query_token(udf_path: str, encoded_args: list[Any]) -> bytes:
-    """The identity of a query: its canonical path and its encoded (key-sorted) args."""
-    return _args_encoder.encode([udf_path, encoded_args])
+    """The identity of a query: its canonical path and its encoded (key-sorted) args.
+
+    Raises ValueError when they cannot be JSON text (``encode_value`` and
+    ``canonical_udf_path`` checked them already: a second line of defence, before the
+    query is registered)."""
+    try:
+        return _args_encoder.encode([udf_path, encoded_args])
+    except UnicodeEncodeError:
+        raise ValueError(
+            "a string contains a lone surrogate, which is not valid Unicode text"
+        ) from None
+    except RecursionError:
+        raise ValueError("the query's arguments are nested too deeply to encode") from None
 
 
 class QueryResult(msgspec.Struct):

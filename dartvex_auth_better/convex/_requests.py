@@ -236,11 +236,18 @@ def _succeed(request: Request, raw: msgspec.Raw | None) -> None:
     try:
         value = decode_json(raw) if raw is not None else None
     except (msgspec.DecodeError, DartvexError) as exc:
-        request.future.set_exception(exc)
+        _set_exception(request.future, exc)
         return
     request.future.set_result(value)
 
 
 def _fail(request: Request, error: BaseException) -> None:
     if not request.future.done():
-        request.future.set_exception(error)
+        _set_exception(request.future, error)
+
+
+def _set_exception(future: asyncio.Future[Any], error: BaseException) -> None:
+    # The caller awaiting the future still gets the error; a future nobody awaits (its
+    # caller went away) must not log "Future exception was never retrieved" at exit.
+    future.set_exception(error)
+    future.exception()  # marks it retrieved

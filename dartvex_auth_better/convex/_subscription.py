@@ -25,12 +25,20 @@ class Subscription:
       or ``async with`` unsubscribes.
     * Closing the client ends the iteration with ClientClosedError; a server FatalError
       with ServerFatalError.
+    * A Subscription is one iterator with one reader: a ``next()`` (or ``async for``)
+      while another task is already waiting in one raises RuntimeError (and leaves the
+      subscription to that task), as two readers would split the values between them.
+      For two readers call ``subscribe()`` twice: each call gives its own iterator, and
+      identical subscriptions share one server query.
     """
+
+    _query: LocalQuery | None = None  # (set before __init__ can fail: __del__ reads it)
 
     def __init__(self, core: SyncCore, udf_path: str, args: list[Any]) -> None:
         self._core = core
         self._waker = Flag()  # no waiter deque until next() waits
-        self._query: LocalQuery | None = core.subscribe(udf_path, args, self._waker)
+        self._waiting = False  # a reader is waiting in next()
+        self._query = core.subscribe(udf_path, args, self._waker)
         self._seen_version = 0
         self.name = udf_path
 
@@ -56,8 +64,11 @@ class Subscription:
     async def next(self) -> Any:
         """Wait for a value newer than the last one returned, and return it.
 
-        Raises StopAsyncIteration once the subscription is closed.
+        Raises StopAsyncIteration once the subscription is closed, and RuntimeError when
+        another task is already waiting in ``next()`` on this subscription.
         """
+        if self._waiting:
+            raise _second_reader()
         while True:
             query = self._query
             if query is None:
@@ -69,12 +80,18 @@ class Subscription:
                 self._seen_version = query.version
                 return result.unwrap()
             self._waker.clear()
-            await self._waker.wait()
+            self._waiting = True
+            try:
+                await self._waker.wait()
+            finally:
+                self._waiting = False
 
     async def _next_server_result(self) -> Any:
         """Wait for an answer from the server itself: never an optimistic view, and never
         a result from before a reconnect (the socket must be open and the result must have
         arrived on it)."""
+        if self._waiting:
+            raise _second_reader()
         seen = self._query.server_version if self._query is not None else 0
         if self._query is not None and self._core.is_current(self._query):
             assert self._query.server is not None
@@ -89,11 +106,16 @@ class Subscription:
                 assert query.server is not None
                 return query.server.unwrap()
             self._waker.clear()
-            await self._waker.wait()
+            self._waiting = True
+            try:
+                await self._waker.wait()
+            finally:
+                self._waiting = False
 
     def __del__(self) -> None:
         # A subscription dropped without close() (never iterated, say) must not keep its
-        # server query alive for the client's lifetime.
+        # server query alive for the client's lifetime. (_query is a class attribute too:
+        # an __init__ that failed leaves None here, nothing to close.)
         if self._query is not None:
             with contextlib.suppress(Exception):
                 self.close()
@@ -115,12 +137,27 @@ class Subscription:
         self.close()
 
     async def __aiter__(self) -> AsyncGenerator[Any, None]:
+        unsubscribe = True
         try:
             while True:
+                if self._waiting:
+                    # A second reader: its loop fails, and the subscription stays open for
+                    # the task already reading it.
+                    unsubscribe = False
+                    raise _second_reader()
                 try:
                     value = await self.next()
                 except StopAsyncIteration:
                     return
                 yield value
         finally:
-            self.close()
+            if unsubscribe:
+                self.close()
+
+
+def _second_reader() -> RuntimeError:
+    return RuntimeError(
+        "another task is already waiting for this Subscription's next value; a "
+        "Subscription has one reader (call subscribe() again for a second one: identical "
+        "subscriptions share one server query)"
+    )

@@ -144,14 +144,21 @@ class SyncCore:
         optimistic_update: OptimisticUpdate | None = None,
     ) -> Request:
         request = self.requests.new_request(kind, udf_path, args)
-        if optimistic_update is not None:
-            try:
-                changed = self.optimistic.add(request.message.request_id, optimistic_update)
-            except BaseException:
-                self.requests.forget(request)
-                raise
+        # Encoded now, before anything else depends on the request: a frame that cannot be
+        # encoded fails here, at the call, not when it is written or replayed on reconnect.
+        try:
+            frame = encode_client_message(request.message)
+            changed = (
+                self.optimistic.add(request.message.request_id, optimistic_update)
+                if optimistic_update is not None
+                else None
+            )
+        except BaseException:
+            self.requests.forget(request)
+            raise
+        if changed:
             self._notify_tokens(changed)
-        self._emit(encode_client_message(request.message), request.message.request_id)
+        self._emit(frame, request.message.request_id)
         return request
 
     def abandon(self, request: Request) -> None:

@@ -101,13 +101,21 @@ def encode_value(value: Any) -> Any:
     """Turn a Python value into the JSON-compatible structure Convex expects.
 
     Raises ``TypeError`` for a type Convex cannot hold and ``ValueError`` for a value out
-    of range or a bad field name.
+    of range, a bad field name, a string that is not valid Unicode text (a lone surrogate
+    such as ``"\\ud800"``, which UTF-8 cannot carry) or a value nested too deeply to encode.
     """
+    try:
+        return _encode(value)
+    except RecursionError:
+        raise ValueError(_TOO_DEEP) from None
+
+
+def _encode(value: Any) -> Any:
     # Fast paths for what arguments mostly are (the same results as the general code
     # below, which handles everything else and raises its errors).
     kind = type(value)
     if kind is str:
-        return value
+        return value if value.isascii() else _checked_text(value)
     if kind is float:
         if value != 0.0 and value - value == 0.0:  # finite and not -0.0 (nor 0.0)
             return value
@@ -120,11 +128,13 @@ def encode_value(value: Any) -> Any:
             keys.sort()
             valid = _valid_names
             return {
-                (key if key in valid else _checked_name(key, ValueError)): encode_value(value[key])
+                (key if key in valid else _checked_name(key, ValueError)): _encode(value[key])
                 for key in keys
             }
-    if value is None or value is True or value is False or isinstance(value, str):
+    if value is None or value is True or value is False:
         return value
+    if isinstance(value, str):
+        return value if value.isascii() else _checked_text(value)
     if isinstance(value, Int64):
         return {"$integer": _b64(struct.pack("<q", value))}
     if isinstance(value, int):
@@ -142,13 +152,32 @@ def encode_value(value: Any) -> Any:
     if isinstance(value, bytes | bytearray | memoryview):
         return {"$bytes": _b64(bytes(value))}
     if isinstance(value, list | tuple):
-        return [encode_value(item) for item in value]
+        return [_encode(item) for item in value]
     if isinstance(value, Mapping):
         out: dict[str, Any] = {}
         for key in sorted(value, key=_sort_key):
-            out[_check_field_name(key, ValueError)] = encode_value(value[key])
+            out[_check_field_name(key, ValueError)] = _encode(value[key])
         return out
     raise TypeError(f"cannot send a {type(value).__name__} to Convex")
+
+
+_TOO_DEEP = (
+    "the value is nested too deeply to encode (lists and objects inside each other "
+    "beyond Python's recursion limit)"
+)
+
+
+def _checked_text(text: str) -> str:
+    """A non-ASCII str, checked to be encodable as UTF-8 (the JSON of a frame is UTF-8):
+    a lone surrogate would fail only when the frame is written, long after the call."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ValueError(
+            f"a string contains a lone surrogate (U+{ord(text[exc.start]):04X} at index "
+            f"{exc.start}), which is not valid Unicode text and cannot be sent to Convex"
+        ) from None
+    return text
 
 
 def _sort_key(key: object) -> str:
@@ -165,7 +194,7 @@ def encode_args(args: Mapping[str, Any] | None) -> list[Any]:
         return [{}]
     if not isinstance(args, Mapping):
         raise TypeError(f"function arguments must be a mapping, not {type(args).__name__}")
-    return [encode_value(args)]
+    return [encode_value(args)]  # (ValueError, not RecursionError, for too deep a value)
 
 
 def decode_value(value: Any) -> Any:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import sys
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
@@ -31,6 +32,7 @@ from dartvex_auth_better import (
     DartvexError,
     OptimisticLocalStore,
     ServerFatalError,
+    Subscription,
 )
 from dartvex_auth_better.testing import LocalConvex, TestTokenIssuer
 from dartvex_auth_better.testing._convex_server import (
@@ -881,3 +883,135 @@ async def test_an_optimistic_update_that_raises_means_nothing_is_sent():
         record = app.convex.connections[0]
         assert [f["args"][0]["body"] for f in record.frames_of_type("Mutation")] == ["next"]
         assert app.messages() == ["next"]
+
+
+# -- arguments that cannot be sent: rejected at the call, nothing registered ---------------------
+
+
+def nested(depth: int) -> list[Any]:
+    value: list[Any] = []
+    for _ in range(depth):
+        value = [value]
+    return value
+
+
+UNSENDABLE: dict[str, tuple[dict[str, Any], str]] = {
+    "lone surrogate": ({"a": "\ud800"}, "lone surrogate"),
+    "nested surrogate": ({"a": [{"b": "ok \udfff"}]}, "lone surrogate"),
+    "too deep": ({"a": nested(5000)}, "nested too deeply"),
+}
+
+
+@pytest.mark.parametrize("kind", ["mutation", "action", "query", "subscribe"])
+@pytest.mark.parametrize("case", list(UNSENDABLE))
+async def test_unsendable_args_fail_at_the_call_and_the_client_carries_on(kind, case):
+    args, message = UNSENDABLE[case]
+    unraisable: list[Any] = []
+    hook = sys.unraisablehook
+    sys.unraisablehook = unraisable.append
+    try:
+        with LoopErrors() as loop_errors:
+            async with running() as (app, client):
+                live = client.subscribe("echo:args", {"live": 1})
+                assert await live.next() == {"live": 1}
+                calls: dict[str, Callable[[], Any]] = {
+                    "mutation": lambda: client.mutation("messages:send", args),
+                    "action": lambda: client.action("jobs:echo", args),
+                    "query": lambda: client.query("echo:args", args),
+                }
+                with pytest.raises(ValueError, match=message) as caught:
+                    if kind == "subscribe":
+                        client.subscribe("echo:args", args)
+                    else:
+                        await calls[kind]()
+                assert "\ud800" not in str(caught.value) and "\udfff" not in str(caught.value)
+                gc.collect()
+                status = client.connection_status
+                assert (status.inflight_mutations, status.inflight_actions) == (0, 0)
+                first = app.convex.connections[0]
+                assert frame_types(first).count("Mutation") == 0
+                assert frame_types(first).count("Action") == 0
+                assert len(adds(first)) == 1  # only the live query
+
+                # The next socket's replay is clean, and the client works as before.
+                second = await bounce(app, client)
+                assert [a["args"] for a in adds(second)] == [[{"live": 1}]]
+                assert await client.mutation("messages:send", {"body": "next"})
+                assert await client.query("echo:args", {"x": 1}) == {"x": 1}
+                assert client.connection_state is ConnectionState.CONNECTED
+        assert loop_errors.seen == []
+        assert app.messages() == ["next"]
+    finally:
+        sys.unraisablehook = hook
+    assert unraisable == []
+
+
+async def test_a_function_name_with_a_lone_surrogate_fails_at_the_call():
+    async with running() as (app, client):
+        await client.wait_connected()
+        with pytest.raises(ValueError, match="lone surrogate"):
+            await client.mutation("messages:s\ud800nd", {"body": "x"})
+        with pytest.raises(ValueError, match="lone surrogate"):
+            client.subscribe("echo:\udc00")
+        assert client.connection_status.inflight_mutations == 0
+        await bounce(app, client)
+        assert await client.mutation("messages:send", {"body": "ok"})
+        assert client.connection_state is ConnectionState.CONNECTED
+
+
+async def test_a_subscription_whose_registration_failed_is_dropped_quietly():
+    # Subscription.__init__ raising (here: args that bypassed encode_args) must not make
+    # its __del__ fail on the half-built object.
+    unraisable: list[Any] = []
+    hook = sys.unraisablehook
+    sys.unraisablehook = unraisable.append
+    try:
+        async with running() as (_, client):
+            await client.wait_connected()
+            with pytest.raises(ValueError, match="lone surrogate"):
+                Subscription(client._core, "echo:args", [{"a": "\ud800"}])
+            gc.collect()
+            assert len(client._core.query_set) == 0
+    finally:
+        sys.unraisablehook = hook
+    assert unraisable == []
+
+
+# -- one reader per Subscription ------------------------------------------------------------------
+
+
+async def test_a_second_task_reading_a_subscription_gets_a_clear_error():
+    async with running() as (app, client):
+        subscription = client.subscribe("messages:list")
+        assert await subscription.next() == []
+        first = asyncio.ensure_future(subscription.next())
+        await asyncio.sleep(0)  # the first reader is waiting now
+        with pytest.raises(RuntimeError, match="one reader"):
+            await subscription.next()
+        with pytest.raises(RuntimeError, match="one reader"):
+            async for _ in subscription:
+                pass
+        await client.mutation("messages:send", {"body": "a"})
+        assert await first == ["a"]  # the first reader got the value, not split
+        # One reader after another is fine, and so is a second subscribe() of the same query.
+        other = client.subscribe("messages:list")
+        second = asyncio.ensure_future(subscription.next())
+        third = asyncio.ensure_future(other.next())
+        assert await third == ["a"]
+        await client.mutation("messages:send", {"body": "b"})
+        assert await second == ["a", "b"]
+        assert len(adds(app.convex.connections[0])) == 1  # one server query for both
+
+
+async def test_a_cancelled_reader_leaves_the_subscription_readable():
+    async with running() as (_, client):
+        subscription = client.subscribe("messages:list")
+        assert await subscription.next() == []
+        waiting = asyncio.ensure_future(subscription.next())
+        await asyncio.sleep(0)
+        waiting.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await waiting
+        reader = asyncio.ensure_future(subscription.next())
+        await client.mutation("messages:send", {"body": "a"})
+        assert await reader == ["a"]

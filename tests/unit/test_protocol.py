@@ -9,6 +9,7 @@ from dartvex_auth_better.convex._protocol import (
     AuthError,
     Connect,
     ModifyQuerySet,
+    MutationMsg,
     MutationResponse,
     Ping,
     RemoveQuery,
@@ -123,3 +124,13 @@ def test_other_server_messages_decode():
 def test_malformed_frames_are_protocol_errors(frame):
     with pytest.raises(ProtocolError):
         decode_server_message(frame)
+
+
+def test_a_message_that_cannot_be_json_text_is_a_value_error():
+    with pytest.raises(ValueError, match="lone surrogate"):
+        encode_client_message(MutationMsg(request_id=0, udf_path="m:f", args=[{"a": "\ud800"}]))
+    deep: list[object] = []
+    for _ in range(5000):
+        deep = [deep]
+    with pytest.raises(ValueError, match="nested too deeply"):
+        encode_client_message(MutationMsg(request_id=0, udf_path="m:f", args=[deep]))

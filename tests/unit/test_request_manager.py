@@ -8,6 +8,8 @@ code: the decoder rejects a successful MutationResponse without ts) and wall-clo
 
 from __future__ import annotations
 
+import asyncio
+import gc
 from typing import Any
 
 import msgspec
@@ -307,3 +309,28 @@ async def test_a_cancelled_caller_is_not_sent_a_result():
     other.future.cancel()
     manager.fail_all(ClientClosedError("closed"))
     assert other.future.cancelled()
+
+
+async def test_a_failed_request_nobody_awaits_does_not_log_an_unretrieved_exception():
+    loop = asyncio.get_running_loop()
+    seen: list[dict[str, Any]] = []
+    previous = loop.get_exception_handler()
+    loop.set_exception_handler(lambda _loop, context: seen.append(context))
+    try:
+        manager = RequestManager()
+        manager.new_request("mutation", "m:f", [{}])
+        sent(manager, "action")
+        manager.fail_all(ClientClosedError("the Convex client was closed"))
+        del manager
+        gc.collect()
+    finally:
+        loop.set_exception_handler(previous)
+    assert seen == []
+
+
+async def test_an_awaited_failed_request_still_raises():
+    manager = RequestManager()
+    request = manager.new_request("mutation", "m:f", [{}])
+    manager.fail_all(ClientClosedError("closed"))
+    with pytest.raises(ClientClosedError):
+        await request.future

@@ -124,3 +124,54 @@ def test_malformed_specials_are_protocol_errors(bad):
 def test_special_key_with_siblings_is_a_bad_field_name():
     with pytest.raises(ProtocolError):
         decode_value({"$integer": "BQAAAAAAAAA=", "x": 1})
+
+
+# -- what JSON text cannot carry: rejected when encoding, at the call -----------------------
+
+
+def deep_list(depth: int) -> list[object]:
+    value: list[object] = []
+    for _ in range(depth):
+        value = [value]
+    return value
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        "\ud800",
+        "ok \udfff",
+        {"a": ["x", {"b": "é\ud83d"}]},
+        ("t", "\udc00"),
+    ],
+)
+def test_a_lone_surrogate_is_a_value_error_that_does_not_show_the_value(value):
+    with pytest.raises(ValueError, match="lone surrogate") as caught:
+        encode_args({"v": value})
+    assert "\\ud8" not in str(caught.value) and "\ud800" not in str(caught.value)
+
+
+def test_a_str_subclass_with_a_lone_surrogate_is_rejected_too():
+    class Text(str):
+        pass
+
+    with pytest.raises(ValueError, match="lone surrogate"):
+        encode_value(Text("\ud800"))
+
+
+def test_valid_non_ascii_text_and_surrogate_pairs_as_code_points_pass():
+    value = {"s": "héllo wörld ☃ 😀", "l": ["日本"]}
+    assert encode_value(value) == value
+    assert msgspec.json.decode(msgspec.json.encode(encode_args(value))) == [value]
+
+
+@pytest.mark.parametrize("depth", [2000, 100_000])
+def test_too_deep_a_value_is_a_value_error_not_a_recursion_error(depth):
+    with pytest.raises(ValueError, match="nested too deeply"):
+        encode_args({"a": deep_list(depth)})
+    with pytest.raises(ValueError, match="nested too deeply"):
+        encode_value({"a": {"b": deep_list(depth)}})
+
+
+def test_moderately_deep_values_encode():
+    assert encode_args({"a": deep_list(64)}) == [{"a": deep_list(64)}]
