@@ -9,6 +9,8 @@
   bodies, session and JWT cookies); tests/conftest.py adds the module constants named
   like secrets and the sessions among a test's fixture values, and checks every
   ``dartvex_auth_better`` log record of the session against it.
+- :func:`raw_http_server`: a TCP server on 127.0.0.1 that answers every connection with
+  fixed bytes, for answers no HTTP server library would write (a malformed header).
 - The module-scoped ``no_secrets_in_logs`` fixture, which also captures the root
   logger (aiohttp's records, the local server's output lines) at DEBUG for a module and
   checks those. Test modules import the fixture (``from tests.better_auth_fakes import
@@ -25,6 +27,7 @@ import re
 import socket
 import traceback
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from types import ModuleType
 from typing import Any
@@ -46,6 +49,7 @@ __all__ = [
     "make_jwt",
     "maybe_secret",
     "no_secrets_in_logs",
+    "raw_http_server",
     "secret",
     "secret_session",
     "secrets_in_module",
@@ -372,3 +376,34 @@ async def fake_better_auth() -> AsyncIterator[FakeBetterAuth]:
         yield fake
     finally:
         await fake.aclose()
+
+
+@asynccontextmanager
+async def raw_http_server(answer: bytes) -> AsyncIterator[str]:
+    """Serve *answer*, byte for byte, to each connection on 127.0.0.1; yield the URL.
+
+    The request is read up to the end of its headers and its body (by Content-Length)
+    first, so that the client has sent everything before the answer arrives. The
+    connection is closed after the answer.
+    """
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            head = await reader.readuntil(b"\r\n\r\n")
+            match = re.search(rb"(?im)^content-length:\s*(\d+)", head)
+            if match:
+                await reader.readexactly(int(match.group(1)))
+            writer.write(answer)
+            await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.close()
+        await server.wait_closed()

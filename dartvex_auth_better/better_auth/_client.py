@@ -17,11 +17,16 @@ How answers map to results (see :class:`BetterAuthClient` for each operation):
   ``retryable=True``; other statuses: :class:`BetterAuthError` (or the subclass for its
   Better Auth ``code``), never retryable.
 - No answer: :class:`TransportError` / :class:`RequestTimeoutError`, ``retryable=True``.
+- An answer that is not readable HTTP (a status or header line over the size limit, a
+  malformed header): :class:`BetterAuthResponseError` with ``status`` None, not
+  retryable: the server did answer, so the request may have taken effect (a sign-up's
+  account may exist), and the same request would get the same answer.
 """
 
 from __future__ import annotations
 
 import email.utils
+import inspect
 import math
 import time
 from collections.abc import Mapping, Sequence
@@ -34,6 +39,7 @@ from urllib.parse import parse_qs, quote, urlsplit
 import aiohttp
 import msgspec
 from aiohttp.abc import AbstractCookieJar
+from aiohttp.http_exceptions import HttpProcessingError, LineTooLong
 
 from .._errors import (
     BetterAuthError,
@@ -55,12 +61,28 @@ from .._version import __version__
 from ._session import BetterAuthSession
 from ._tokens import CONVEX_JWT_COOKIE, cookie_names, cookie_value, find_session_token
 
-__all__ = ["DEFAULT_CONNECT_TIMEOUT", "DEFAULT_TIMEOUT", "BetterAuthClient"]
+__all__ = ["DEFAULT_CONNECT_TIMEOUT", "DEFAULT_TIMEOUT", "MAX_HEADER_LINE", "BetterAuthClient"]
 
 DEFAULT_TIMEOUT: Final = 30.0
 """Seconds a whole request may take, from connecting to the last byte of the body."""
 DEFAULT_CONNECT_TIMEOUT: Final = 10.0
 """Seconds to establish the TCP (and TLS) connection."""
+MAX_HEADER_LINE: Final = 64 * 1024
+"""Bytes a status line or one header of an answer may take, in the client's own session.
+
+aiohttp's default, 8,190, is too small for Better Auth: its ``convex_jwt`` Set-Cookie
+carries the user's name, so a long name alone exceeds it.
+"""
+
+
+def _header_limits() -> dict[str, Any]:  # Any: mypy checks ** against every parameter
+    # ClientSession takes max_line_size / max_field_size since aiohttp 3.9 or so; pass
+    # them only where they exist, so an older aiohttp keeps its 8,190-byte default.
+    parameters = inspect.signature(aiohttp.ClientSession).parameters
+    return {n: MAX_HEADER_LINE for n in ("max_line_size", "max_field_size") if n in parameters}
+
+
+_HEADER_LIMITS: Final = _header_limits()
 
 _SIGN_UP: Final = "/api/auth/sign-up/email"
 _SIGN_IN: Final = "/api/auth/sign-in/email"
@@ -144,6 +166,11 @@ class BetterAuthClient:
 
     ``timeout`` bounds each request as a whole and ``connect_timeout`` its connection
     set-up, in seconds.
+
+    The client's own session accepts status and header lines up to
+    :data:`MAX_HEADER_LINE` bytes (64 KiB; Better Auth's ``convex_jwt`` cookie grows with
+    the user's name). A session you pass in keeps its own limits: create it with
+    ``max_line_size=`` and ``max_field_size=`` to match.
 
     One ``aiohttp.ClientSession`` serves every call, so a burst of calls shares one
     keep-alive connection. It is created on first use and closed by :meth:`aclose` or
@@ -466,6 +493,7 @@ class BetterAuthClient:
             self._session = aiohttp.ClientSession(
                 cookie_jar=aiohttp.DummyCookieJar(),
                 headers={"User-Agent": f"dartvex-auth-better/{__version__}"},
+                **_HEADER_LIMITS,
             )
         elif self._session.closed:
             raise ClientClosedError("the aiohttp session given to BetterAuthClient is closed")
@@ -493,6 +521,7 @@ class BetterAuthClient:
             payload = msgspec.json.encode(body)
         started = time.perf_counter()
         failure: str | None = None  # what went wrong, when no response came
+        unreadable: str | None = None  # what was wrong with an answer aiohttp could not parse
         timed_out = connecting = False
         try:
             async with http.request(
@@ -516,6 +545,13 @@ class BetterAuthClient:
                 )
         except TimeoutError as exc:
             failure, timed_out, connecting = "timed out", True, _is_connect_timeout(exc)
+        except aiohttp.ClientHttpProxyError as exc:
+            failure = f"{type(exc).__name__}: the proxy answered HTTP {exc.status}"
+        except aiohttp.ClientResponseError as exc:
+            # With redirects off and raise_for_status=False, this is aiohttp failing to
+            # parse the status line or headers. Its text quotes the offending line (a
+            # Set-Cookie: a JWT, a session token), so only the exception's type is used.
+            unreadable = self._unreadable(exc)
         except (aiohttp.ClientError, OSError) as exc:
             # aiohttp's text can include the URL, and a magic-link URL carries a token.
             failure = _scrub(_describe(exc), secrets, min_length=1)
@@ -539,6 +575,17 @@ class BetterAuthClient:
             raise TransportError(
                 f"could not reach Better Auth at {self._site_url} for {endpoint}: {failure}"
             )
+        if unreadable is not None:
+            log.debug("%s %s: the answer could not be read: %s", method, endpoint, unreadable)
+            if self._closed:
+                raise ClientClosedError(f"the BetterAuthClient was closed during {endpoint}")
+            raise BetterAuthResponseError(
+                f"Better Auth {endpoint} answered with a response the client could not read: "
+                f"{unreadable}. The server did answer, so the request may have taken effect",
+                endpoint=endpoint,
+                status=None,
+                retryable=False,
+            )
         log.debug(
             "%s %s -> HTTP %d in %.0f ms",
             method,
@@ -547,6 +594,33 @@ class BetterAuthClient:
             (time.perf_counter() - started) * 1000,
         )
         return response
+
+    def _unreadable(self, exc: aiohttp.ClientResponseError) -> str:
+        """What was wrong with an answer aiohttp could not parse, without quoting it."""
+        # aiohttp re-raises the parser's error (LineTooLong, BadStatusLine...) as a plain
+        # HttpProcessingError, chained to it, under its ClientResponseError: the most
+        # specific one is the deepest in the __cause__ chain.
+        cause: BaseException | None = None
+        link: BaseException | None = exc.__cause__
+        for _ in range(8):
+            if link is None:
+                break
+            if isinstance(link, HttpProcessingError):
+                cause = link
+            link = link.__cause__
+        kind = type(cause).__name__ if cause is not None else type(exc).__name__
+        if isinstance(cause, LineTooLong):
+            if self._owns_session and _HEADER_LIMITS:
+                limit = f"the {MAX_HEADER_LINE}-byte limit"
+            elif self._owns_session:
+                limit = "aiohttp's limit (this aiohttp version cannot raise it)"
+            else:
+                limit = (
+                    "the limit of the aiohttp session passed in (create it with larger "
+                    "max_line_size= and max_field_size=)"
+                )
+            return f"a status or header line over {limit} ({kind})"
+        return f"a malformed status line or header ({kind})"
 
     def _forget_cookies(self, jar: AbstractCookieJar, set_cookies: Sequence[str]) -> None:
         names = cookie_names(set_cookies)

@@ -19,6 +19,7 @@ from yarl import URL
 from dartvex_auth_better import (
     BetterAuthClient,
     BetterAuthError,
+    BetterAuthResponseError,
     InvalidCredentialsError,
     InvalidTokenError,
     RateLimitedError,
@@ -109,6 +110,38 @@ async def test_input_the_server_refuses(auth):
         await auth.sign_up("Dee", "not an email", PASSWORD)
     assert (bad_email.value.status, bad_email.value.code) == (400, "VALIDATION_ERROR")
     assert "[body.email]" in str(bad_email.value)
+
+
+async def test_a_long_name_signs_up_and_in(auth):
+    # The convex plugin puts the name in the JWT, and the JWT in a Set-Cookie: at 6,000
+    # characters that header is over aiohttp's default limit of 8,190 bytes.
+    for length in (6_000, 20_000):
+        name, email = "n" * length, new_email()
+        signed_up = secret_session(await auth.sign_up(name, email, PASSWORD))
+        signed_in = secret_session(await auth.sign_in(email, PASSWORD))
+        assert signed_up.name == signed_in.name == name
+        claims = token_claims(signed_in.token)
+        assert claims is not None and claims["name"] == name
+
+
+async def test_a_header_too_long_to_read_is_a_response_error(auth, better_auth_server):
+    email = new_email()
+    with pytest.raises(BetterAuthResponseError) as caught:
+        await auth.sign_up("n" * 70_000, email, PASSWORD)
+    err = caught.value
+    # Not "could not reach": the server answered, and created the account.
+    assert not err.retryable and (err.endpoint, err.status) == ("/api/auth/sign-up/email", None)
+    assert "over the 65536-byte limit (LineTooLong)" in str(err)
+    assert "may have taken effect" in str(err)
+    with pytest.raises(UserAlreadyExistsError):
+        await auth.sign_up("short", email, PASSWORD)
+    # The text quotes no header: neither the JWT nor the session token it carried.
+    issued = await better_auth_server.issued_session_tokens()
+    for text in (str(err), repr(err)):
+        assert "better-auth" not in text and "eyJ" not in text
+        assert not [token for token in issued if token in text]
+    assert err.__context__ is None and err.__cause__ is None
+    assert_no_secrets(err)
 
 
 async def test_get_session_sign_out_then_the_session_is_gone(auth):

@@ -8,6 +8,7 @@ server does not produce on demand.
 from __future__ import annotations
 
 import email.utils
+import re
 import socket
 import time
 from collections.abc import Callable
@@ -24,6 +25,7 @@ from yarl import URL
 from dartvex_auth_better import (
     BetterAuthClient,
     BetterAuthError,
+    BetterAuthResponseError,
     ClientClosedError,
     InvalidCredentialsError,
     InvalidTokenError,
@@ -34,7 +36,7 @@ from dartvex_auth_better import (
     UserAlreadyExistsError,
     __version__,
 )
-from dartvex_auth_better.better_auth._client import _scrub
+from dartvex_auth_better.better_auth._client import MAX_HEADER_LINE, _scrub
 from tests.better_auth_fakes import (
     SECRETS,
     FakeBetterAuth,
@@ -43,6 +45,7 @@ from tests.better_auth_fakes import (
     fake_better_auth,
     make_jwt,
     no_secrets_in_logs,
+    raw_http_server,
     secret,
 )
 
@@ -338,6 +341,95 @@ async def test_a_connection_dropped_mid_answer_is_a_transport_error(fake_better_
             await auth.sign_in("t@example.com", PASSWORD)
     assert type(caught.value) is TransportError and caught.value.retryable
     assert SIGN_IN in str(caught.value)
+
+
+def signed_in_with_jwt(jwt: str) -> Reply:
+    """Better Auth's sign-in answer, its convex_jwt cookie carrying *jwt*."""
+    return Reply(
+        json={"token": TOKEN, "user": USER},
+        headers=[
+            ("set-auth-token", TOKEN),
+            ("Set-Cookie", f"better-auth.session_token={TOKEN}; Path=/; HttpOnly"),
+            ("Set-Cookie", f"better-auth.convex_jwt={jwt}; Max-Age=900; Path=/; HttpOnly"),
+        ],
+    )
+
+
+def jwt_of_about(size: int) -> str:
+    """A JWT of at least *size* characters: the convex plugin puts the user's name in it."""
+    return secret(make_jwt({"sub": "user-9", "name": "n" * (size * 3 // 4)}))
+
+
+def assert_quotes_no_header(err: BaseException) -> None:
+    text = f"{err} {err!r}"
+    assert "better-auth" not in text and "eyJ" not in text and "Set-Cookie" not in text, text
+    assert err.__context__ is None and err.__cause__ is None  # aiohttp's text is not kept
+    assert_no_secrets(err)
+
+
+async def test_a_set_cookie_over_aiohttps_default_limit_is_read(fake_better_auth):
+    # A long user name makes the convex_jwt cookie longer than aiohttp's 8,190 bytes.
+    jwt = jwt_of_about(40_000)
+    fake_better_auth.on("POST", SIGN_IN, signed_in_with_jwt(jwt))
+    async with client(fake_better_auth) as auth:
+        session = await auth.sign_in("t@example.com", PASSWORD)
+    assert session.token == jwt and session.session_token == TOKEN
+    assert fake_better_auth.requests(CONVEX_TOKEN) == []  # the JWT came in the cookie
+
+
+async def test_a_header_over_the_limit_is_a_response_error_that_quotes_nothing(
+    fake_better_auth,
+):
+    fake_better_auth.on("POST", SIGN_IN, signed_in_with_jwt(jwt_of_about(MAX_HEADER_LINE + 1)))
+    async with client(fake_better_auth) as auth:
+        with pytest.raises(BetterAuthResponseError) as caught:
+            await auth.sign_in("t@example.com", PASSWORD)
+        # The server answered: it is no transport failure, and a retry would not help.
+        err = caught.value
+        assert not isinstance(err, TransportError) and not err.retryable
+        assert (err.endpoint, err.status) == (SIGN_IN, None)
+        assert str(err) == (
+            f"Better Auth {SIGN_IN} answered with a response the client could not read: "
+            f"a status or header line over the {MAX_HEADER_LINE}-byte limit (LineTooLong). "
+            "The server did answer, so the request may have taken effect"
+        )
+        assert_quotes_no_header(err)
+        # The connection was dropped, not spoiled: the next call gets its answer.
+        fake_better_auth.on("POST", SIGN_IN, SIGNED_IN)
+        assert (await auth.sign_in("t@example.com", PASSWORD)).token == JWT
+
+
+async def test_a_borrowed_session_keeps_its_own_header_limits(fake_better_auth):
+    fake_better_auth.on("POST", SIGN_IN, signed_in_with_jwt(jwt_of_about(20_000)))
+    async with aiohttp.ClientSession() as http, client(fake_better_auth, session=http) as auth:
+        with pytest.raises(BetterAuthResponseError) as caught:
+            await auth.sign_in("t@example.com", PASSWORD)
+    assert "the limit of the aiohttp session passed in" in str(caught.value)
+    assert "max_field_size=" in str(caught.value)
+    assert_quotes_no_header(caught.value)
+
+
+@pytest.mark.parametrize(
+    ("head", "kinds"),
+    [
+        # Named by aiohttp's C parser, or by its pure-Python one (AIOHTTP_NO_EXTENSIONS).
+        (
+            b"HTTP/1.1 200 OK\r\nset-auth-token " + TOKEN.encode() + b"\r\n",
+            {"BadHttpMessage", "InvalidHeader"},
+        ),
+        (b"HTTP/1.1 2OO " + TOKEN.encode() + b"\r\n", {"BadStatusLine"}),
+    ],
+)
+async def test_a_malformed_answer_is_a_response_error_that_quotes_nothing(head, kinds):
+    answer = head + b"Content-Length: 2\r\nConnection: close\r\n\r\n{}"
+    async with raw_http_server(answer) as url, BetterAuthClient(url) as auth:
+        with pytest.raises(BetterAuthResponseError) as caught:
+            await auth.get_session(TOKEN)
+    err = caught.value
+    assert not err.retryable and (err.endpoint, err.status) == (GET_SESSION, None)
+    found = re.search(r"could not read: a malformed status line or header \((\w+)\)\.", str(err))
+    assert found and found.group(1) in kinds, str(err)
+    assert_quotes_no_header(err)
 
 
 class HangingResolver(AbstractResolver):
