@@ -35,8 +35,13 @@ with ``error:``, and never shows a password or a token.
 
 ``--timeout SECONDS`` (default 30, 0 for none) bounds each wait for a server, and a first
 connection that fails ends the command at once; ``--anonymous`` calls a function without
-signing in; ``-v``/``-vv`` log what the SDK does (tokens redacted). ``login --magic-link
---send-only`` and ``login --magic-link --token TOKEN`` split the magic link in two steps.
+signing in; ``-v``/``-vv`` log what the SDK does (tokens redacted); ``--version`` prints
+the package version. ``-v`` and the deployment and session options (``--url``,
+``--site-url``, ``--allow-insecure``, ``--timeout``, ``--keyring``, ``--session-file``) go
+before or after the command (given on both sides, an option takes its value from after
+the command, and ``-v`` counts on both); the others follow it.
+``login --magic-link --send-only`` and ``login --magic-link --token TOKEN`` split the
+magic link in two steps.
 
 Exit statuses::
 
@@ -89,6 +94,7 @@ from ._errors import (
 )
 from ._jwt import token_claims
 from ._urls import normalize_base_url
+from ._version import __version__
 from .better_auth._client import BetterAuthClient
 from .better_auth._provider import ConvexBetterAuthProvider, _parse_record
 from .better_auth._session import BetterAuthSession
@@ -870,18 +876,32 @@ class _Parser(argparse.ArgumentParser):
         self.exit(EXIT_USAGE, f"error: {message} (see '{self.prog} --help')\n")
 
 
+# The deployment and session options, which go before or after the command: set by
+# neither, they take these values (see _fill_target_defaults).
+_TARGET_DEFAULTS: Final[dict[str, object]] = {
+    "url": None,
+    "site_url": None,
+    "allow_insecure": False,
+    "timeout": _DEFAULT_TIMEOUT,
+    "keyring": False,
+    "session_file": None,
+}
+
+
 def _build_parser() -> argparse.ArgumentParser:
     formatter = argparse.RawDescriptionHelpFormatter
+    verbose_help = "log what the SDK does on stderr (-vv: debug detail; tokens stay redacted)"
+    # -v counts both before and after the command (`-v whoami -v` is -vv): two options
+    # with their own dest, added up by main(). One dest would not do: a subcommand's
+    # parser starts from its own defaults and overwrites what the main parser counted.
     verbosity = _Parser(add_help=False)
     verbosity.add_argument(
-        "-v",
-        "--verbose",
-        action="count",
-        default=0,
-        help="log what the SDK does on stderr (-vv: debug detail; tokens stay redacted)",
+        "-v", "--verbose", dest="verbose_after", action="count", default=0, help=verbose_help
     )
 
-    target = _Parser(add_help=False)
+    # No defaults here (SUPPRESS): an option given before the command must survive the
+    # subcommand's parser, which would otherwise set every default it knows over it.
+    target = _Parser(add_help=False, argument_default=argparse.SUPPRESS)
     group = target.add_argument_group("deployment and session")
     group.add_argument(
         "--url",
@@ -900,7 +920,6 @@ def _build_parser() -> argparse.ArgumentParser:
     group.add_argument(
         "--timeout",
         type=_seconds,
-        default=_DEFAULT_TIMEOUT,
         metavar="SECONDS",
         help="give up waiting for a server after this long; 0 waits forever "
         f"(default: {_DEFAULT_TIMEOUT:g}; `watch` waits this long for its first value)",
@@ -957,7 +976,10 @@ def _build_parser() -> argparse.ArgumentParser:
         description="Sign in to Better Auth and use a live Convex connection as that user.",
         epilog=_EXIT_STATUS_HELP + "\n" + _ENVIRONMENT_HELP,
         formatter_class=formatter,
+        parents=[target],
     )
+    parser.add_argument("-v", "--verbose", action="count", default=0, help=verbose_help)
+    parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def command(name: str, help: str, *parents: _Parser) -> _Parser:
@@ -1020,6 +1042,18 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     demo.add_argument("--jwt-ttl", type=int, default=900, help="Convex JWT lifetime in seconds")
     return parser
+
+
+def _fill_target_defaults(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Give the deployment and session options left unset their defaults; refuse them for
+    ``demo``, which runs its own local servers."""
+    given = [name for name in _TARGET_DEFAULTS if hasattr(args, name)]
+    if args.command == "demo" and given:
+        option = "--" + given[0].replace("_", "-")
+        parser.error(f"demo runs its own local servers and takes no {option}")
+    for name, default in _TARGET_DEFAULTS.items():
+        if not hasattr(args, name):
+            setattr(args, name, default)
 
 
 def _seconds(text: str) -> float:
@@ -1203,7 +1237,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point; returns the process exit status."""
     parser = _build_parser()
     args = parser.parse_args(argv)
-    verbosity: int = args.verbose
+    _fill_target_defaults(parser, args)
+    verbosity: int = args.verbose + args.verbose_after
     _configure_logging(verbosity)
     try:
         _run(args)

@@ -468,6 +468,58 @@ async def test_bad_args_and_options_are_usage_errors(cli):
         assert expected in result.error_line()
 
 
+async def test_the_shared_options_go_before_or_after_the_command(cli, tmp_path):
+    seeded = await cli.seed()
+    debug = "debug dartvex_auth_better.better_auth: GET /api/auth/get-session -> HTTP 200"
+    moved = tmp_path / "moved.json"
+    moved.write_bytes(cli.session_file.read_bytes())
+    no_env: dict[str, str | None] = {
+        "DARTVEX_URL": None,
+        "DARTVEX_SITE_URL": None,
+        "DARTVEX_SESSION_FILE": None,
+    }
+    first: tuple[str, ...] = ("--url", cli.env["DARTVEX_URL"], "--timeout", "20")
+    first += ("--site-url", cli.env["DARTVEX_SITE_URL"], "--session-file", str(moved))
+    # Given on both sides, the one after the command wins: the first file does not exist.
+    twice: tuple[str, ...] = ("--session-file", str(tmp_path / "nothing.json"), "whoami")
+    twice += ("--session-file", str(moved))
+    before, after, both, once, options_first, options_both = await gather(
+        cli("-vv", "whoami"),
+        cli("whoami", "-vv"),
+        cli("-v", "whoami", "-v"),  # counted together: -vv
+        cli("-v", "whoami"),
+        cli(*first, "whoami", "--pretty", env=no_env),
+        cli(*twice),
+    )
+    for result in (before, after, both):
+        assert result.code == 0 and result.json()["email"] == seeded.email, result
+        assert debug in result.err, result
+    assert once.code == 0 and once.json()["email"] == seeded.email, once
+    assert "debug " not in once.err, once
+    assert options_first.code == 0, options_first
+    assert options_first.out.startswith("{\n") and options_first.json()["email"] == seeded.email
+    assert options_both.code == 0 and options_both.json()["email"] == seeded.email, options_both
+
+    bad_timeout, demo_url, unknown = await gather(
+        cli("--timeout", "soon", "whoami"),
+        cli("--url", "https://x.convex.cloud", "demo"),
+        cli("--pretty", "whoami"),  # an option of some commands only: after the command
+    )
+    for result in (bad_timeout, demo_url, unknown):
+        assert result.code == cli_module.EXIT_USAGE and result.out == "", result
+    assert "not a number of seconds: 'soon'" in bad_timeout.error_line()
+    assert "demo runs its own local servers and takes no --url" in demo_url.error_line()
+    assert "unrecognized arguments: --pretty" in unknown.error_line()
+
+
+async def test_version_prints_the_package_version(cli):
+    from dartvex_auth_better import __version__
+
+    version = await cli("--version")
+    assert version.code == 0 and version.err == "", version
+    assert version.out == f"dartvex-auth-better {__version__}\n"
+
+
 async def test_watch_prints_one_line_per_update_until_ctrl_c(cli, convex_server):
     seeded = await cli.seed()
     process = await cli.start("watch", "messages:list")
