@@ -75,9 +75,10 @@ GATED_REQUEST_ID = 2  # send-one = 0, act-1 = 1, send-two = 2 (one counter, §3)
 PYPI_REPLAYS_UNDER_A_NEW_SESSION = pytest.mark.xfail(
     strict=True,
     reason=(
-        "upstream (FINDINGS.md F1): PyPI convex 0.8.1 sends a new sessionId on every "
+        "upstream: PyPI convex 0.8.1 sends a new sessionId on every "
         "connection, so its re-sent in-flight mutation escapes the server's "
-        "(sessionId, requestId) de-duplication and runs twice (reference §3)"
+        "(sessionId, requestId) de-duplication and runs twice (see "
+        "tests/conformance/FINDINGS.md, F1)"
     ),
 )
 
