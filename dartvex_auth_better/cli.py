@@ -858,8 +858,11 @@ async def run_demo(*, messages: Sequence[str], jwt_ttl_seconds: int) -> None:
                 await authed.logout()
                 try:
                     await authed.query("messages:list")
-                except ConvexError as exc:
-                    say(f"signed out, messages:list is refused: {exc}")
+                except SessionExpiredError:
+                    say(
+                        "signed out: the client refuses messages:list itself "
+                        "(with expect_auth nothing is sent anonymously)"
+                    )
                 after = await auth.get_session(session.session_token)
                 say(f"get_session with the old session token after sign-out: {after}")
             say("shutting down the local servers")

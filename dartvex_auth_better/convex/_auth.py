@@ -58,6 +58,7 @@ _RETRY_MAX = 30.0
 _MAX_REJECTED_FRESH_TOKENS = 2
 # A scheduled refresh answered with the token in force asks again after this long, doubling.
 _SAME_TOKEN_RETRY = 1.0
+
 _REFRESH_JITTER = 0.15
 # A token fetch attempt gets half the leeway (at least this long) before it is retried;
 # the allowance doubles with each failure in a row (an endpoint that is merely slow then
@@ -248,6 +249,14 @@ class AuthManager:
         self._reset()
         self._use_token(token, fetched=False)
         self._configured.set()
+        if token is None:
+            self._signed_out_by_caller()
+
+    def _signed_out_by_caller(self) -> None:
+        # With expect_auth nothing may run anonymously: once signed out, function calls
+        # fail (SessionExpiredError) until the next set_auth, as after a session's end.
+        if self.expect_auth:
+            self._signed_out_latch = True
 
     def set_fetcher(self, fetcher: FetchToken, initial_token: str | None) -> int:
         """Start a refreshing flow; returns its generation.
@@ -275,6 +284,7 @@ class AuthManager:
         """Stop refreshing and forget the token (the caller sends Authenticate None)."""
         self._reset()
         self._configured.set()
+        self._signed_out_by_caller()
 
     def _reset(self) -> None:
         self._generation += 1
@@ -446,7 +456,7 @@ class AuthManager:
             raise _SignedOut
         return token
 
-    async def _fetch_until_done(self, force: bool) -> str:
+    async def _fetch_until_done(self, force: bool, *, first: bool = False) -> str:
         """Fetch, retrying transient failures with jittered backoff (at least what a 429's
         ``retry_after`` asks for). Raises _SignedOut, or ClientClosedError once the client
         is closed.
@@ -471,6 +481,10 @@ class AuthManager:
             except SessionExpiredError as exc:
                 raise _SignedOut from exc
             except Exception as exc:
+                if first and not _transient(exc):
+                    # No session yet to keep: a first fetch that fails for good (a bug, a
+                    # refused request) is the caller's error, not something to retry.
+                    raise
                 self._failures += 1
                 base = min(_RETRY_INITIAL * 2 ** min(self._failures - 1, 16), _RETRY_MAX)
                 wait = base * self._rng.uniform(0.5, 1.5)
@@ -541,13 +555,14 @@ class AuthManager:
 
     # -- the socket loop's hooks ------------------------------------------------------------------
 
-    async def _fetch_for_flow(self, force: bool) -> str | None:
+    async def _fetch_for_flow(self, force: bool, *, first: bool = False) -> str | None:
         """A token for the flow in force now, or None when there is none to use: a newer
         set_auth/clear superseded this flow, or the session ended (signed out here, once).
+        With ``first``, an error not marked retryable propagates instead of being retried.
         """
         generation = self._generation
         try:
-            token = await self._fetch_until_done(force)
+            token = await self._fetch_until_done(force, first=first)
         except _Superseded:
             return None
         except _SignedOut:
@@ -590,9 +605,10 @@ class AuthManager:
 
     async def initial_fetch(self) -> None:
         """For set_auth(fetcher) without a usable initial token: the first token,
-        retrying transient failures; non-forced, unless it replaces an expired initial
-        token. Signs out when the source has no session."""
-        token = await self._fetch_for_flow(force=self._initial_force)
+        retrying transient failures (errors marked ``retryable``; any other propagates);
+        non-forced, unless it replaces an expired initial token. Signs out when the
+        source has no session."""
+        token = await self._fetch_for_flow(force=self._initial_force, first=True)
         if token is not None:
             self._use_token(token, fresh=self._initial_force)
 
@@ -859,3 +875,11 @@ class _Ticker:
 _TICKERS: weakref.WeakKeyDictionary[
     asyncio.AbstractEventLoop, dict[Callable[[], float], _Ticker]
 ] = weakref.WeakKeyDictionary()
+
+
+def _transient(exc: BaseException) -> bool:
+    """Worth retrying: marked ``retryable``, or a timeout or OS-level network error."""
+    retryable = getattr(exc, "retryable", None)
+    if retryable is not None:
+        return retryable is True
+    return isinstance(exc, TimeoutError | OSError)

@@ -156,6 +156,11 @@ class AuthenticatedConvexClient(Generic[SessionT]):
         await self.client.refresh_auth_now()
 
     async def _start(self, sign_in: Any) -> SessionT:
+        try:
+            self.client._check_usable()  # a closed client signs nobody in
+        except BaseException:
+            sign_in.close()  # the provider call never starts
+            raise
         generation = self._supersede()
         self._state.set(AuthLoading())
         fetch_token = self.provider.fetch_token

@@ -380,11 +380,26 @@ class ConvexClient:
             convex_logger.debug("auth token set (%s)", redact(auth))
             self._send_authenticate_now()
         else:
+            if not callable(auth):
+                raise TypeError(
+                    f"set_auth takes a token, a FetchToken callable or None, not "
+                    f"{type(auth).__name__}"
+                )
             generation = self._auth.set_fetcher(auth, initial_token)
             if self._auth.token is None:  # no initial token, or an expired one
                 self._core.pause()
                 try:
                     await self._auth.initial_fetch()
+                except BaseException:
+                    # The first token never came: this flow must not go on fetching, and
+                    # with expect_auth what was held for it must not go out anonymously.
+                    if generation == self._auth.generation:
+                        self._auth.clear()
+                        if self._auth.expect_auth:
+                            self._core.fail_unfinished(
+                                SessionExpiredError("the first token could not be fetched")
+                            )
+                    raise
                 finally:
                     if generation == self._auth.generation:
                         self._core.resume()

@@ -17,10 +17,12 @@ import pytest
 
 from dartvex_auth_better import (
     AuthRejectedError,
+    BetterAuthError,
     ClientClosedError,
     ConvexClient,
     RateLimitedError,
     SessionExpiredError,
+    SessionStoreError,
     TransportError,
 )
 from dartvex_auth_better.convex._auth import AuthManager
@@ -533,3 +535,74 @@ async def test_a_token_endpoint_slower_than_the_first_attempt_timeout_still_answ
         await manager.initial_fetch()
     assert manager.token is not None and not manager.signed_out
     assert calls == [False, False]
+
+
+# -- set_auth's own input and first fetch ---------------------------------------------------
+
+
+async def test_set_auth_rejects_what_is_no_token_source(convex):
+    async with ConvexClient(convex.url) as client:
+        with anyio.fail_after(5), pytest.raises(TypeError, match="int"):
+            await client.set_auth(123)  # type: ignore[arg-type]
+        assert await client.query("users:whoami") is None
+
+
+class Refused(Exception):
+    """A token source's own final error (no ``retryable``)."""
+
+
+@pytest.mark.parametrize(
+    "error",
+    [Refused("no"), SessionStoreError("locked"), BetterAuthError("refused", status=400)],
+    ids=["plain", "final-dartvex", "better-auth-400"],
+)
+async def test_a_first_fetch_that_fails_for_good_raises_from_set_auth(convex, error):
+    calls: list[bool] = []
+
+    async def fetcher(force_refresh: bool) -> str | None:
+        calls.append(force_refresh)
+        raise error
+
+    async with ConvexClient(convex.url, expect_auth=True) as client:
+        with anyio.fail_after(5):
+            with pytest.raises(type(error)):
+                await client.set_auth(fetcher)
+            assert calls == [False]  # raised at once, not retried
+            # Nothing runs anonymously under expect_auth: calls fail instead.
+            with pytest.raises(SessionExpiredError):
+                await client.query("users:whoami")
+    assert calls == [False]  # and no refresh ran for the failed flow
+
+
+async def test_a_first_fetch_that_fails_transiently_is_retried(issuer, convex):
+    source = TokenSource(issuer)
+    source.fail_next = 2
+    async with ConvexClient(convex.url) as client:
+        with anyio.fail_after(15):
+            await client.set_auth(source)
+            assert len(source.calls) == 3
+            assert (await client.query("users:whoami"))["subject"] == "user-1"
+
+
+async def test_expect_auth_calls_fail_after_signing_out(issuer, convex):
+    source = TokenSource(issuer)
+    seen: list[str] = []
+
+    def write(ctx: Any, args: Any) -> None:
+        identity = ctx.auth.get_user_identity()
+        seen.append(identity["subject"] if identity else "ANONYMOUS")
+
+    convex.mutation("log:write")(write)
+
+    async with ConvexClient(convex.url, expect_auth=True) as client:
+        with anyio.fail_after(10):
+            await client.set_auth(source)
+            await client.mutation("log:write")
+            await client.clear_auth()
+            for call in (client.mutation, client.query, client.action):
+                with pytest.raises(SessionExpiredError):
+                    await call("log:write")
+            # The next sign-in makes calls go out again, under its identity.
+            await client.set_auth(source)
+            await client.mutation("log:write")
+    assert seen == ["user-1", "user-1"]

@@ -33,6 +33,7 @@ from dartvex_auth_better import (
     AuthState,
     BetterAuthClient,
     BetterAuthSession,
+    ClientClosedError,
     ConvexBetterAuthProvider,
     ConvexClient,
     InvalidCredentialsError,
@@ -947,3 +948,32 @@ async def test_without_reuse_the_first_token_is_swapped_for_a_fresh_one(stack: S
             await stack.log.wait_for(TOKEN, 1)
     assert stack.log.counts[SIGN_IN] == 1
     assert provider.fetches[:1] == [True]
+
+
+async def test_expect_auth_sends_nothing_anonymously_after_logout(stack: Stack):
+    email, user_id = await new_account(stack.better_auth)
+    provider = scripted(stack)
+    async with stack.client(expect_auth=True) as client:
+        authed = client.with_auth(provider)
+        with anyio.fail_after(TEST_TIMEOUT):
+            await authed.login(email, PASSWORD)
+            assert await whoami(authed) == user_id
+            await authed.logout()
+            with pytest.raises(SessionExpiredError):
+                await authed.query("users:whoami")
+            # Signing in again makes calls go out, under the new sign-in's identity.
+            await authed.login(email, PASSWORD)
+            assert await whoami(authed) == user_id
+
+
+async def test_login_on_a_closed_client_signs_nobody_in(stack: Stack):
+    email, _ = await new_account(stack.better_auth)
+    store = MemorySessionStore()
+    provider = scripted(stack, store)
+    async with stack.client() as client:
+        authed = client.with_auth(provider)
+    with pytest.raises(ClientClosedError):
+        await authed.login(email, PASSWORD)
+    assert provider.calls == []  # refused before the provider was asked
+    assert provider.inner.session is None and await store.get() is None
+    assert stack.log.counts[SIGN_IN] == 0

@@ -592,7 +592,7 @@ async def test_demo_runs_the_main_job_end_to_end(cli):
     assert "Convex confirmed the identity (Authenticated)" in out
     assert "the server verified the token and sees" in out
     assert "live update: 3 message(s) ['hello', 'from asyncio', 'live over Convex']" in out
-    assert "signed out, messages:list is refused: Not authenticated" in out
+    assert "signed out: the client refuses messages:list itself" in out
     assert "get_session with the old session token after sign-out: None" in out
     assert out.rstrip().endswith("done")
     assert result.err == ""
