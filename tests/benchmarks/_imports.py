@@ -24,6 +24,10 @@ _PROBE = (
 
 async def _one(module: str) -> float:
     env = dict(os.environ)
+    # Both sides import from .pyc, as installed packages do: with this set (some shells
+    # and CI images set it) the warm-up would write none for us while aiohttp's
+    # site-packages copy has its own, and the figure would time our compiler instead.
+    env.pop("PYTHONDONTWRITEBYTECODE", None)
     sdk = env.get("BENCH_SDK_PATH")
     if sdk:
         env["PYTHONPATH"] = sdk
