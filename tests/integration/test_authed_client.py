@@ -222,6 +222,16 @@ def scripted(stack: Stack, store: MemorySessionStore | None = None) -> Scripted:
     return Scripted(ConvexBetterAuthProvider(stack.auth, store=store))
 
 
+async def login_outcome(
+    authed: AuthenticatedConvexClient[BetterAuthSession], email: str, outcome: list[object]
+) -> None:
+    """``authed.login(email)``, its session or its LoginSupersededError put in *outcome*."""
+    try:
+        outcome.append(await authed.login(email, PASSWORD))
+    except LoginSupersededError as exc:
+        outcome.append(exc)
+
+
 # -- watching states and events ------------------------------------------------------------
 
 
@@ -428,14 +438,7 @@ async def test_concurrent_logins_the_last_one_wins(stack: Stack, slow: str):
         authed = client.with_auth(provider)
         with anyio.fail_after(TEST_TIMEOUT):
             async with anyio.create_task_group() as tg:
-
-                async def first_login() -> None:
-                    try:
-                        outcome.append(await authed.login(first_email, PASSWORD))
-                    except Exception as exc:  # what a superseded login does is open
-                        outcome.append(exc)
-
-                tg.start_soon(first_login)
+                tg.start_soon(login_outcome, authed, first_email, outcome)
                 await gate.entered.wait()
                 second = await authed.login(second_email, PASSWORD)
                 assert authed.auth_state == Authenticated(second)
@@ -582,14 +585,7 @@ async def test_a_logout_during_a_login_cancels_it(stack: Stack):
         events = authed.auth_events()
         with anyio.fail_after(TEST_TIMEOUT):
             async with anyio.create_task_group() as tg:
-
-                async def login() -> None:
-                    try:
-                        outcome.append(await authed.login(email, PASSWORD))
-                    except LoginSupersededError as exc:
-                        outcome.append(exc)
-
-                tg.start_soon(login)
+                tg.start_soon(login_outcome, authed, email, outcome)
                 await gate.entered.wait()
                 await authed.logout()
             assert len(outcome) == 1 and isinstance(outcome[0], LoginSupersededError), outcome
@@ -615,14 +611,7 @@ async def test_a_newer_login_supersedes_one_awaiting_confirmation(stack: Stack):
             record = await stack.convex.wait_for_connections(1)
             stack.convex.pause()  # the first login's token is sent, not yet confirmed
             async with anyio.create_task_group() as tg:
-
-                async def first_login() -> None:
-                    try:
-                        outcome.append(await authed.login(first_email, PASSWORD))
-                    except LoginSupersededError as exc:
-                        outcome.append(exc)
-
-                tg.start_soon(first_login)
+                tg.start_soon(login_outcome, authed, first_email, outcome)
                 await record.wait_for_frame(
                     "Authenticate", predicate=lambda f: f["tokenType"] == "User"
                 )
@@ -653,14 +642,7 @@ async def test_a_logout_supersedes_a_login_awaiting_confirmation(stack: Stack):
             record = await stack.convex.wait_for_connections(1)
             stack.convex.pause()
             async with anyio.create_task_group() as tg:
-
-                async def login() -> None:
-                    try:
-                        outcome.append(await authed.login(email, PASSWORD))
-                    except LoginSupersededError as exc:
-                        outcome.append(exc)
-
-                tg.start_soon(login)
+                tg.start_soon(login_outcome, authed, email, outcome)
                 await record.wait_for_frame(
                     "Authenticate", predicate=lambda f: f["tokenType"] == "User"
                 )
