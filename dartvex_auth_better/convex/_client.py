@@ -36,6 +36,7 @@ from ._protocol import (
     AuthError,
     DecodeError,
     FatalError,
+    ServerMessage,
     Transition,
     TransitionChunk,
     check_server_message,
@@ -733,11 +734,33 @@ class ConvexClient:
 
             watchdog = loop.call_later(timeout, check_idle)
             receive, handle = ws.receive, self._handle_ws_message
+            # The common frame (one whole Transition in a text frame) is handled here, not
+            # in _handle_ws_message: one Python call less per frame. _core, _status and
+            # _chunks stay the same objects for the whole socket (not _chunks._parts).
+            chunks, status = self._chunks, self._status
+            handle_transition = self._core.handle_transition
             try:
                 while True:
                     msg = await receive()
                     last_frame = clock()
-                    ended = handle(ws, msg)
+                    if msg.type is _TEXT and not chunks._parts:
+                        try:
+                            server_msg = decode_frame(msg.data)
+                        except DecodeError as exc:
+                            return self._ended_by_error(decode_error(exc))
+                        if type(server_msg) is Transition:
+                            try:
+                                handle_transition(server_msg)
+                            except (ServerFatalError, ProtocolError) as exc:
+                                return self._ended_by_error(exc)
+                            if status.watchers:
+                                self._publish_status()
+                            if self._restart_immediately:
+                                return _SocketEnded("AuthError", server_caused=True)
+                            continue
+                        ended = self._handle_server_message(server_msg)
+                    else:
+                        ended = handle(ws, msg)
                     if ended is not None:
                         return ended
             finally:
@@ -768,10 +791,14 @@ class ConvexClient:
         else:
             return _SocketEnded("WebSocketError", server_caused=False)
         try:
-            try:
-                server_msg = decode_frame(data)
-            except DecodeError as exc:
-                raise decode_error(exc) from None
+            server_msg = decode_frame(data)
+        except DecodeError as exc:
+            return self._ended_by_error(decode_error(exc))
+        return self._handle_server_message(server_msg)
+
+    def _handle_server_message(self, server_msg: ServerMessage) -> _SocketEnded | None:
+        """Apply one decoded server message; returns why the socket ended, or None."""
+        try:
             if type(server_msg) is Transition and not self._chunks._parts:
                 # The common case first: one whole Transition.
                 self._core.handle_transition(server_msg)
@@ -786,12 +813,8 @@ class ConvexClient:
                     # (A FatalError wins: it ends the client, whatever was being reassembled.)
                     raise ProtocolError("a message arrived in the middle of a TransitionChunk run")
                 self._core.handle(server_msg)
-        except ServerFatalError as exc:
-            ws_logger.error("%s", exc)
-            return _SocketEnded("FatalError", server_caused=True, fatal=exc)
-        except ProtocolError as exc:
-            ws_logger.warning("invalid server message, reconnecting: %s", exc)
-            return _SocketEnded("InvalidServerMessage", server_caused=False, protocol_error=True)
+        except (ServerFatalError, ProtocolError) as exc:
+            return self._ended_by_error(exc)
         if self._status.watchers:
             self._publish_status()
         if self._restart_immediately:
@@ -799,6 +822,14 @@ class ConvexClient:
             # close it (it may be slow to, or never do); then force-fetch and restart.
             return _SocketEnded("AuthError", server_caused=True)
         return None
+
+    @staticmethod
+    def _ended_by_error(exc: ServerFatalError | ProtocolError) -> _SocketEnded:
+        if isinstance(exc, ServerFatalError):
+            ws_logger.error("%s", exc)
+            return _SocketEnded("FatalError", server_caused=True, fatal=exc)
+        ws_logger.warning("invalid server message, reconnecting: %s", exc)
+        return _SocketEnded("InvalidServerMessage", server_caused=False, protocol_error=True)
 
     def _on_synced(self) -> None:
         # Backoff resets only once the client has caught up after a reconnect, so a server
