@@ -400,6 +400,9 @@ class ConvexClient:
                             self._core.fail_unfinished(
                                 SessionExpiredError("the first token could not be fetched")
                             )
+                        # clear() starts a new generation, so the finally below does not
+                        # resume: this does (Authenticate None, then what was held).
+                        self._send_authenticate_now()
                     raise
                 finally:
                     if generation == self._auth.generation:

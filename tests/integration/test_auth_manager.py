@@ -606,3 +606,20 @@ async def test_expect_auth_calls_fail_after_signing_out(issuer, convex):
             await client.set_auth(source)
             await client.mutation("log:write")
     assert seen == ["user-1", "user-1"]
+
+
+async def test_a_failed_first_fetch_leaves_the_client_usable_anonymously(convex):
+    async def fetcher(force_refresh: bool) -> str | None:
+        raise Refused("no")
+
+    def count(ctx: Any, args: Any) -> int:
+        return 1
+
+    convex.mutation("counter:one")(count)
+    async with ConvexClient(convex.url) as client:
+        with anyio.fail_after(5):
+            with pytest.raises(Refused):
+                await client.set_auth(fetcher)
+            # Nothing is held back any more: calls go out, anonymously.
+            assert await client.mutation("counter:one") == 1
+            assert await client.query("users:whoami") is None
