@@ -298,6 +298,14 @@ class ConvexClient:
         if self._tg is not None:
             self._tg.start_soon(self._guarded, work, name="dartvex_auth_better.convex.auth_refresh")
 
+    def _spawn_writer(self, work: Callable[[], Awaitable[None]]) -> bool:
+        """Start a socket's writer task (Outbox), only while it has a write to finish;
+        False when the client is closing (there is no task group to start it in)."""
+        if self._tg is None:
+            return False
+        self._tg.start_soon(self._guarded, work, name="dartvex_auth_better.convex.writer")
+        return True
+
     # -- connection state --------------------------------------------------------------------
 
     @property
@@ -529,20 +537,22 @@ class ConvexClient:
         optimistic_update: OptimisticUpdate | None,
     ) -> Any:
         self._check_callable()
-        if self._core.send is not None and not self._core.paused:
+        core, status = self._core, self._status
+        if core._send is not None and not core.paused:
             # Its frame would be written at once (Outbox.push): a call made where it is
             # already cancelled must not get that far (it is dropped, never sent).
             await checkpoint_if_cancelled()
-        request = self._core.request(
-            kind, canonical_udf_path(name), encode_args(args), optimistic_update
-        )
-        self._publish_status()
-        try:
-            return await request.future
-        finally:
-            if not request.future.done() or request.future.cancelled():
-                self._core.abandon(request)
+        request = core.request(kind, canonical_udf_path(name), encode_args(args), optimistic_update)
+        if status.watchers:  # (checked here: a call per status publish is measurable)
             self._publish_status()
+        future = request.future
+        try:
+            return await future
+        finally:
+            if not future.done() or future.cancelled():
+                core.abandon(request)
+            if status.watchers:
+                self._publish_status()
 
     def _check_callable(self) -> None:
         """For function calls: usable, and not signed out under expect_auth."""
@@ -682,7 +692,7 @@ class ConvexClient:
     async def _serve_socket(self, ws: aiohttp.ClientWebSocketResponse) -> _SocketEnded:
         # Frames are written by the task that makes them (Outbox.push); the writer task
         # only finishes writes the transport made wait, and what queued behind them.
-        outbox = Outbox(ws, self._core.requests)
+        outbox = Outbox(ws, self._core.requests, self._spawn_writer)
         # A reconnect_now() made while this socket was connecting is spent: its reason goes
         # out in this Connect, and this socket's own end is judged on its own.
         self._reconnect_requested.clear()
@@ -697,13 +707,9 @@ class ConvexClient:
             # reconnect_now() cancels this scope to drop the socket.
             self._socket_scope = scope
             try:
-                async with anyio.create_task_group() as tg:
-                    tg.start_soon(outbox.run_writer, name="dartvex_auth_better.convex.writer")
-                    ended = await self._read_frames(ws)
-                    outbox.stop()
-                    tg.cancel_scope.cancel()
+                ended = await self._read_frames(ws)
             finally:
-                outbox.stop()
+                await outbox.aclose()
         if (
             (outbox.send_failed or outbox.writing)
             and ended.server_caused

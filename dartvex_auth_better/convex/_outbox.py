@@ -3,8 +3,9 @@
 A frame is written the moment it is made (``push``), from whichever task made it: no task
 hop and no event-loop turn before the write. aiohttp's uncompressed ``send_frame`` writes
 to the transport synchronously and only suspends when the transport asks it to wait (its
-buffer is full); that case, any compression, and the frames that come after it go to the
-socket's writer task, which writes them in order. So frames leave in the order they were
+buffer is full); that case, any compression, and the frames that come after it go to a
+writer task, which writes them in order. The writer task runs only while it has such work
+(an idle socket has none). So frames leave in the order they were
 made, and a request is marked sent just before its write starts (if the socket dies in
 the middle of a write, the server may have it: an action must not be sent again).
 
@@ -16,10 +17,11 @@ dropped, never sent.
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Coroutine, Generator
+from collections.abc import Awaitable, Callable, Coroutine, Generator
 from typing import Any
 
 import aiohttp
+import anyio
 from anyio.lowlevel import checkpoint_if_cancelled
 
 from .._logging import ws_logger
@@ -36,11 +38,21 @@ _SEND_ERRORS = (aiohttp.ClientError, ConnectionError, RuntimeError)
 class Outbox:
     """One socket's outgoing frames (see the module docstring)."""
 
-    def __init__(self, ws: aiohttp.ClientWebSocketResponse, requests: RequestManager) -> None:
+    def __init__(
+        self,
+        ws: aiohttp.ClientWebSocketResponse,
+        requests: RequestManager,
+        spawn: Callable[[Callable[[], Awaitable[None]]], bool],
+    ) -> None:
         self._ws = ws
         self._requests = requests
         self._frames: deque[Outgoing] = deque()
-        self._wake = Flag()  # no waiter deque until the writer waits
+        # Starts the writer task in the client's task group; it runs only while there is
+        # something to finish, so an idle socket costs no task.
+        self._spawn = spawn
+        self._writer: anyio.CancelScope | None = None  # the running writer's scope
+        self._writer_done: Flag | None = None
+        self._stopped = False
         # Writing from the caller is only safe without compression (a compressed write
         # takes a lock and may run in a task of its own).
         self._direct = not ws.compress
@@ -57,13 +69,16 @@ class Outbox:
             self._frames.append(frame)
             if not self._busy:
                 self._busy = True
-                self._wake.set()
+                self._start_writer()
             return
         data, request_id = frame
         if request_id is not None:
-            if not self._requests.should_write(request_id):
+            # RequestManager.should_write and mark_sent, inlined (the hot path of a call).
+            request = self._requests._inflight.get(request_id)
+            if request is None:
                 return  # its caller gave up before it reached the wire
-            self._requests.mark_sent(request_id)
+            if request.status == "not_sent":
+                request.status = "sent"
         self.writing = True
         write = self._ws.send_frame(data, _TEXT)
         try:
@@ -78,32 +93,58 @@ class Outbox:
         # the writer task finishes this write, then writes what came meanwhile.
         self._stuck = (write, waiting_for)
         self._busy = True
-        self._wake.set()
+        self._start_writer()
 
     def stop(self) -> None:
         """The socket is ending: write nothing more on it (frames made from now on wait
-        for the next socket's restart, which rebuilds them from state)."""
+        for the next socket's restart, which rebuilds them from state); cancel the writer
+        task if one runs."""
+        self._stopped = True
         self._direct = False
         self._busy = True
+        if self._writer is not None:
+            self._writer.cancel()
+
+    async def aclose(self) -> None:
+        """``stop()``, then wait until the writer task (if any) has ended."""
+        self.stop()
+        done = self._writer_done
+        if done is not None:
+            with anyio.CancelScope(shield=True):
+                await done.wait()
 
     def _failed(self, exc: BaseException) -> None:
         # The reader sees the socket close; the loop reconnects as FailedToSendMessage.
         ws_logger.info("send failed: %s", type(exc).__name__)
         self.send_failed = True
         self._busy = True  # nothing more is written on this socket
-        self._wake.set()
+        self._start_writer()  # it closes the socket
 
-    async def run_writer(self) -> None:
-        """The socket's writer task: finishes writes the transport made wait, writes the
-        frames queued meanwhile, closes the socket after a failed write."""
+    def _start_writer(self) -> None:
+        if self._writer is None and not self._stopped:
+            self._writer = anyio.CancelScope()
+            self._writer_done = Flag()
+            if not self._spawn(self._run_writer):  # the client is closing
+                self._writer = self._writer_done = None
+
+    async def _run_writer(self) -> None:
+        scope, done = self._writer, self._writer_done
+        assert scope is not None and done is not None
+        try:
+            with scope:
+                await self._write_queued()
+        finally:
+            self._writer = None
+            done.set()
+
+    async def _write_queued(self) -> None:
+        """Finish the write the transport made wait, write the frames queued meanwhile,
+        then end (the next write that must wait starts a new writer task). After a failed
+        write: close the socket."""
         ws = self._ws
         frames = self._frames
         try:
-            while True:
-                await self._wake.wait()
-                self._wake.clear()
-                if self.send_failed:
-                    break
+            if not self.send_failed:
                 if self._stuck is not None:
                     write, waiting_for = self._stuck
                     await _Resume(write, waiting_for)
@@ -118,7 +159,10 @@ class Outbox:
                     self.writing = True
                     await ws.send_frame(data, _TEXT)
                     self.writing = False
+                # Nothing left, and no await since the check: later frames are written by
+                # their callers again (or start a new writer).
                 self._busy = False
+                return
         except _SEND_ERRORS as exc:
             ws_logger.info("send failed: %s", type(exc).__name__)
             self.send_failed = True

@@ -284,7 +284,7 @@ class SyncCore:
             if query is not None:
                 query.notify()
         else:
-            changed = self.query_set.apply_transition(mods, self._log_query_lines)
+            changed = self.query_set.apply_transition(mods, self._log_query_lines) if mods else []
             self.remote_version = end
             self._remote_ts = end_ts
             if end_ts > self.max_observed_ts:
@@ -292,7 +292,7 @@ class SyncCore:
             completed = self.requests.on_transition(end_ts) if self.requests._inflight else None
             # Drop the layers of mutations this Transition made visible in the same pass
             # that shows their server results, so no value flickers.
-            if completed or self.optimistic._layers:
+            if self.optimistic._layers or (completed and self.optimistic._overlay):
                 tokens = self.optimistic.rebuild(completed or set())
                 for query in changed:
                     query.notify()

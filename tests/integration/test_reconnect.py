@@ -10,6 +10,7 @@ without waiting out a long backoff.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 import time
@@ -277,6 +278,34 @@ async def test_a_failed_send_is_a_client_caused_reconnect(ws_log):
 
 
 # -- TransitionChunk runs over the wire ------------------------------------------------------------
+
+
+def writer_tasks() -> list[asyncio.Task[Any]]:
+    return [t for t in asyncio.all_tasks() if t.get_name() == "dartvex_auth_better.convex.writer"]
+
+
+async def test_a_writer_task_runs_only_while_a_write_waits_for_the_network():
+    async with running() as (convex, client):
+        await synced_on(client, 1)
+        assert await client.query("q:get") == 1
+        assert writer_tasks() == []  # every frame so far was written by its caller
+        first = convex.connections[0]
+        first.pause_reading()
+        outcome: list[int] = []
+
+        async def call() -> None:
+            outcome.append(await client.action("a:echo", {"blob": "x" * 16_000_000}))
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(call)
+            await anyio.wait_all_tasks_blocked()
+            assert len(writer_tasks()) == 1  # finishing the big frame
+            first.resume_reading()
+        assert outcome == [16_000_000]
+        await anyio.wait_all_tasks_blocked()
+        assert writer_tasks() == []  # it ended with its work
+        assert await client.query("q:get") == 1  # written by the caller again
+        assert writer_tasks() == [] and len(convex.connections) == 1
 
 
 def chunk_frame(text: str, part: int, total: int, transition_id: str = "t") -> bytes:
