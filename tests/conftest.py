@@ -210,3 +210,26 @@ def _no_secrets_in_package_logs(
             fakes.secret_session(session)
     chunk = _package_logs_at_debug.take()
     _fail_on(chunk, _leaks(chunk, shapes=True))
+
+
+# -- the socket loop's two ways of reading frames --------------------------------------------
+# Tests that use ``frame_reading`` (test_convex_client.py and test_reconnect.py, through
+# ``pytest.mark.usefixtures``) run twice: with text frames handled in aiohttp's data
+# callback (InlineFrames, the default where aiohttp's internals are the known ones) and
+# with every frame taken by ``ws.receive()`` (the path used everywhere else).
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if "frame_reading" in metafunc.fixturenames:
+        metafunc.parametrize("frame_reading", ["inline", "receive"], indirect=True)
+
+
+@pytest.fixture
+def frame_reading(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    from dartvex_auth_better.convex import _inline
+
+    mode: str = request.param
+    if mode == "inline" and not _inline.ENABLED:
+        pytest.skip("inline frame reading is switched off")
+    monkeypatch.setattr(_inline, "ENABLED", mode == "inline")
+    return mode

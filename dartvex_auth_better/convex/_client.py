@@ -30,12 +30,15 @@ from .._watch import Watched
 from ._auth import AuthManager
 from ._auth_types import AuthProvider, FetchToken
 from ._authed import AuthenticatedConvexClient, SessionT
+from ._inline import ENDED, HANDED_BACK, TAKEN, InlineFrames
 from ._optimistic import OptimisticUpdate
 from ._outbox import Outbox, checkpoint_if_cancelled
 from ._protocol import (
+    ActionResponse,
     AuthError,
     DecodeError,
     FatalError,
+    MutationResponse,
     ServerMessage,
     Transition,
     TransitionChunk,
@@ -743,12 +746,76 @@ class ConvexClient:
 
             watchdog = loop.call_later(timeout, check_idle)
             receive, handle = ws.receive, self._handle_ws_message
-            # The common frame (one whole Transition in a text frame) is handled here, not
-            # in _handle_ws_message: one Python call less per frame. _core, _status and
+            # The common frames (a whole Transition, a call's response) are handled here,
+            # not in _handle_ws_message: fewer Python calls per frame. _core, _status and
             # _chunks stay the same objects for the whole socket (not _chunks._parts).
-            chunks, status = self._chunks, self._status
-            handle_transition = self._core.handle_transition
+            chunks, status, core = self._chunks, self._status, self._core
+            handle_transition = core.handle_transition
+            ended_inline: _SocketEnded | None = None
+
+            def take_inline(msg: aiohttp.WSMessage) -> int:
+                # Runs in aiohttp's data callback (InlineFrames): only bookkeeping that
+                # needs no task. A Transition that moves the identity (auth confirmed),
+                # anything but a Transition or a call's response, and a chunk run go to
+                # the reader task instead.
+                nonlocal last_frame, ended_inline
+                last_frame = clock()
+                if chunks._parts:
+                    return HANDED_BACK
+                try:
+                    server_msg = decode_frame(msg.data)
+                except DecodeError as exc:
+                    ended_inline = self._ended_by_error(decode_error(exc))
+                    return ENDED
+                try:
+                    if type(server_msg) is Transition:
+                        if server_msg.end_version.identity != server_msg.start_version.identity:
+                            return HANDED_BACK
+                        handle_transition(server_msg)
+                    elif type(server_msg) is MutationResponse or type(server_msg) is ActionResponse:
+                        check_server_message(server_msg)
+                        core.handle(server_msg)
+                    else:
+                        return HANDED_BACK
+                except (ServerFatalError, ProtocolError) as exc:
+                    ended_inline = self._ended_by_error(exc)
+                    return ENDED
+                if status.watchers:
+                    self._publish_status()
+                if self._restart_immediately:
+                    ended_inline = _SocketEnded("AuthError", server_caused=True)
+                    return ENDED
+                return TAKEN
+
+            inline = InlineFrames.attach(ws, take_inline)
             try:
+                if inline is not None:
+                    inline.drain()  # what arrived before it was attached
+                    # The reader task takes only what take_inline leaves: it waits, takes
+                    # that frame and any after it with receive(), then waits again.
+                    while True:
+                        await inline.wait()
+                        if inline.error is not None:
+                            raise inline.error
+                        if ended_inline is not None:
+                            return ended_inline
+                        inline.reader_active = True
+                        try:
+                            msg = inline.held
+                            inline.held = None
+                            if msg is not None:
+                                ended = handle(ws, msg)
+                                if ended is not None:
+                                    return ended
+                            while inline.pending():
+                                msg = await receive()
+                                last_frame = clock()
+                                ended = handle(ws, msg)
+                                if ended is not None:
+                                    return ended
+                        finally:
+                            inline.reader_active = False
+                        inline.drain()  # what came while the reader task was taking frames
                 while True:
                     msg = await receive()
                     last_frame = clock()
@@ -773,6 +840,8 @@ class ConvexClient:
                     if ended is not None:
                         return ended
             finally:
+                if inline is not None:
+                    inline.detach()
                 if watchdog is not None:
                     watchdog.cancel()
         return _SocketEnded("InactiveServer", server_caused=False)

@@ -42,7 +42,7 @@ from dartvex_auth_better.testing._convex_server import (
     QueryCtx,
 )
 
-pytestmark = [pytest.mark.anyio, pytest.mark.integration]
+pytestmark = [pytest.mark.anyio, pytest.mark.integration, pytest.mark.usefixtures("frame_reading")]
 
 DEADLINE = 10.0
 

@@ -34,7 +34,7 @@ from dartvex_auth_better import (
 from dartvex_auth_better.testing import LocalConvex
 from dartvex_auth_better.testing._convex_server import ActionCtx, ConnectionRecord, QueryCtx
 
-pytestmark = [pytest.mark.anyio, pytest.mark.integration]
+pytestmark = [pytest.mark.anyio, pytest.mark.integration, pytest.mark.usefixtures("frame_reading")]
 
 DEADLINE = 10.0
 WS_LOGGER = "dartvex_auth_better.convex.ws"
