@@ -54,7 +54,11 @@ __all__ = ["AuthManager"]
 # The refresh task never sleeps longer than this before re-reading the wall clock.
 _WAKE_SLICE = 5.0
 _RETRY_INITIAL = 0.5
-_RETRY_MAX = 30.0
+# A failed token fetch is retried after at most this long (jittered up to 1.5x): the
+# socket's own backoff cap, so after an outage a client is back within ~25 s, not ~45 s.
+_RETRY_MAX = 16.0
+# A server's Retry-After is honoured up to this long.
+_RETRY_AFTER_MAX = 60.0
 _MAX_REJECTED_FRESH_TOKENS = 2
 # A scheduled refresh answered with the token in force asks again after this long, doubling.
 _SAME_TOKEN_RETRY = 1.0
@@ -490,7 +494,7 @@ class AuthManager:
                 wait = base * self._rng.uniform(0.5, 1.5)
                 retry_after = getattr(exc, "retry_after", None)
                 if isinstance(retry_after, int | float) and retry_after > 0:
-                    wait = max(wait, min(float(retry_after), _RETRY_MAX))
+                    wait = max(wait, min(float(retry_after), _RETRY_AFTER_MAX))
                 self._retry_not_before = max(self._retry_not_before, loop.time() + wait)
                 # Only None or SessionExpiredError end a session; anything else keeps it.
                 # One that does not call itself retryable is likely a bug or a broken
@@ -782,7 +786,7 @@ class AuthManager:
         if token == previous:
             # Same token (the server issues identical JWTs within one second): try again
             # shortly instead of giving up on refreshing, but back off (1 s, 2 s, 4 s, ...
-            # at most 30 s) so a source that always answers this token is not asked every
+            # at most 16 s) so a source that always answers this token is not asked every
             # second for ever.
             self._same_token_answers += 1
             delay = min(_SAME_TOKEN_RETRY * 2 ** min(self._same_token_answers - 1, 16), _RETRY_MAX)
