@@ -5,9 +5,10 @@ Three clients run the same scenario against one LocalConvex (see ``_harness.py``
 in-process, the npm ``convex`` package's ``ConvexClient`` under Node, and the PyPI
 ``convex`` client in its own interpreter. The tests check that all three see the same
 results and identity, that each reconnects and re-subscribes, and compare the frames
-LocalConvex recorded per client against the reference
-(``shared/reference/convex-protocol.md``). ``FINDINGS.md`` lists every difference and
-which side the reference says is right.
+LocalConvex recorded per client against the reference (the Convex sync-protocol notes
+this project was built from, which are not part of this repository; ``FINDINGS.md``
+states what each cited section says). ``FINDINGS.md`` lists every difference and which
+side the reference says is right.
 
 A strict xfail marks a check an official client fails where the reference says it is
 wrong (an upstream bug, kept visible so a fix upstream turns the test red). Our client
