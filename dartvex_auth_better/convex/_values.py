@@ -192,6 +192,8 @@ def encode_args(args: Mapping[str, Any] | None) -> list[Any]:
     """Encode function arguments as the one-element array the wire format uses."""
     if args is None:
         return [{}]
+    if type(args) is dict:  # the common case, without the Mapping ABC check
+        return [encode_value(args)]
     if not isinstance(args, Mapping):
         raise TypeError(f"function arguments must be a mapping, not {type(args).__name__}")
     return [encode_value(args)]  # (ValueError, not RecursionError, for too deep a value)
@@ -232,8 +234,11 @@ def decode_json(raw: bytes | msgspec.Raw) -> Any:
     Otherwise the freshly decoded structure, which nobody else holds, is converted in
     place. Raises ``msgspec.DecodeError`` for text that is not JSON.
     """
+    decoded = msgspec.json.decode(raw)
+    kind = type(decoded)
+    if kind is not dict and kind is not list:
+        return decoded  # a scalar: nothing to convert (decode_value returns it as it is)
     data = raw if type(raw) is bytes else bytes(raw)
-    decoded = msgspec.json.decode(data)
     if (
         data.isascii()
         and b"\\" not in data
