@@ -55,6 +55,10 @@ def install(convex: LocalConvex) -> None:
     def get(ctx: QueryCtx, args: dict[str, Any]) -> int:
         return 1
 
+    @convex.query("q:text")
+    def text(ctx: QueryCtx, args: dict[str, Any]) -> str:
+        return "h\u00e9llo \u2713 \U0001f389"
+
     @convex.query("q:big")
     def big(ctx: QueryCtx, args: dict[str, Any]) -> str:
         return "x" * int(args["n"])
@@ -174,6 +178,16 @@ async def test_a_websocket_protocol_error_reconnects(ws_log):
         [delay] = reconnect_delays(ws_log)
         assert delay <= 0.15  # client-caused: the 100 ms start
         assert await client.query("q:get") == 1
+
+
+async def test_a_text_frame_that_is_not_ascii_is_read_as_utf8():
+    # Frames are read as bytes and checked by the client only when not ASCII.
+    async with running() as (convex, client):
+        assert await client.query("q:text") == "h\u00e9llo \u2713 \U0001f389"
+        async for value in client.subscribe("q:text"):
+            assert value == "h\u00e9llo \u2713 \U0001f389"
+            break
+        assert len(convex.connections) == 1
 
 
 # -- big frames and keepalive -------------------------------------------------------------------
