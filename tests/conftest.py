@@ -230,6 +230,6 @@ def frame_reading(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatc
 
     mode: str = request.param
     if mode == "inline" and not _inline.ENABLED:
-        pytest.skip("inline frame reading is switched off")
+        pytest.skip("inline frame reading is switched off (DARTVEX_AUTH_BETTER_INLINE_FRAMES=0)")
     monkeypatch.setattr(_inline, "ENABLED", mode == "inline")
     return mode

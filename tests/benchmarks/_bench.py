@@ -336,6 +336,7 @@ async def run_bench(s: Settings) -> int:
             "scale_wave_in_seconds": s.scale_wave_in,
             "signin_calls": s.signin_calls,
             "import_runs": s.import_runs,
+            "quick": s.quick,
         },
     }
     rows: list[Row] = []
@@ -403,6 +404,12 @@ async def run_bench(s: Settings) -> int:
     out["seconds"] = time.perf_counter() - started
     table = render_table(rows)
     print(table)
+    print(
+        "Figures: median [min-max] over the rounds; a ratio is taken within each round, "
+        "then its median.\n"
+        "Subscriptions: our client (and PyPI's) let a consumer slower than the stream skip "
+        "to the latest value (documented policy); the final value is always delivered."
+    )
     if s.quick:
         print("quick run: targets not judged (`nox -s bench` runs the full counts)")
     s.json_path.parent.mkdir(parents=True, exist_ok=True)
@@ -499,7 +506,12 @@ def parse(argv: Sequence[str]) -> Settings:
         action="store_true",
         help="--quick, then check that every section ran and wrote sane JSON (exit 1 if not)",
     )
-    parser.add_argument("--json", type=Path, default=RESULTS_DIR / "bench.json")
+    parser.add_argument(
+        "--json",
+        type=Path,
+        default=None,
+        help="results file (default .bench/bench.json; with --quick .bench/bench-quick.json)",
+    )
     parser.add_argument(
         "--contenders", help="comma-separated subset of ours,floor,pypi,npm (default: all)"
     )
@@ -520,7 +532,7 @@ def parse(argv: Sequence[str]) -> Settings:
         signin_calls=args.signin_calls,
         import_runs=args.import_runs,
         sections=list(args.only or SECTIONS),
-        json_path=args.json,
+        json_path=args.json or RESULTS_DIR / ("bench-quick.json" if args.quick else "bench.json"),
         contenders=args.contenders.split(",") if args.contenders else None,
         smoke=args.smoke,
         quick=args.quick,

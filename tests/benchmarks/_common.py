@@ -118,7 +118,7 @@ def _fmt_number(value: float) -> str:
     if value != value:
         return "n/a"
     magnitude = abs(value)
-    if magnitude >= 100_000:
+    if magnitude >= 10_000:
         return f"{value:,.0f}"
     if magnitude >= 100:
         return f"{value:.0f}"
