@@ -246,23 +246,6 @@ class QuerySet:
         query.server_version += 1
         return query
 
-    def apply_value_and_notify(self, modification: QueryUpdated) -> None:
-        """``apply_value``, then ``notify`` the query: a busy subscription's every frame,
-        so both are spelled out here (two Python calls less per frame)."""
-        query = self._by_id.get(modification.query_id)
-        if query is None:
-            return  # the server had not processed our Remove yet
-        if self._awaiting_first_answer:
-            self._awaiting_first_answer.discard(modification.query_id)
-        query.server = QueryResult(modification.value, None, None, modification.log_lines)
-        journal = modification.journal
-        if journal is not _UNSET:
-            query.journal = journal
-        query.server_version += 1
-        query.version += 1
-        for waker in query.subscribers:
-            waker.set()
-
     def apply_value(self, modification: QueryUpdated) -> LocalQuery | None:
         """``apply`` for a QueryUpdated without log lines: what a busy subscription gets
         in every frame, so it is kept to the few steps it needs."""

@@ -276,11 +276,13 @@ class SyncCore:
             # The hot path of a busy subscription: one new value, and no request or
             # optimistic layer that could depend on this Transition. The same steps as
             # below, minus those that would do nothing.
+            query = self.query_set.apply_value(mods[0])
             self.remote_version = end
             self._remote_ts = end_ts
             if end_ts > self.max_observed_ts:
                 self.max_observed_ts = end_ts
-            self.query_set.apply_value_and_notify(mods[0])
+            if query is not None:
+                query.notify()
         else:
             changed = self.query_set.apply_transition(mods, self._log_query_lines) if mods else []
             self.remote_version = end
