@@ -4,10 +4,10 @@ A frame is written the moment it is made (``push``), from whichever task made it
 hop and no event-loop turn before the write. aiohttp's uncompressed ``send_frame`` writes
 to the transport synchronously and only suspends when the transport asks it to wait (its
 buffer is full); that case, any compression, and the frames that come after it go to a
-writer task, which writes them in order. The writer task runs only while it has such work
-(an idle socket has none). So frames leave in the order they were
-made, and a request is marked sent just before its write starts (if the socket dies in
-the middle of a write, the server may have it: an action must not be sent again).
+writer task, which writes them in order and runs only while it has such work (an idle
+socket has none). So frames leave in the order they were made, and a request is marked
+sent just before its write starts (if the socket dies in the middle of a write, the
+server may have it: an action must not be sent again).
 
 Since a call's frame is written at once, a call made where it is already cancelled (an
 expired ``anyio`` scope) must check that first (``checkpoint_if_cancelled``): it is then
@@ -72,13 +72,8 @@ class Outbox:
                 self._start_writer()
             return
         data, request_id = frame
-        if request_id is not None:
-            # RequestManager.should_write and mark_sent, inlined (the hot path of a call).
-            request = self._requests._inflight.get(request_id)
-            if request is None:
-                return  # its caller gave up before it reached the wire
-            if request.status == "not_sent":
-                request.status = "sent"
+        if request_id is not None and not self._requests.claim_for_write(request_id):
+            return  # its caller gave up before it reached the wire
         self.writing = True
         write = self._ws.send_frame(data, _TEXT)
         try:
@@ -152,10 +147,8 @@ class Outbox:
                     self.writing = False
                 while frames:
                     data, request_id = frames.popleft()
-                    if request_id is not None:
-                        if not self._requests.should_write(request_id):
-                            continue
-                        self._requests.mark_sent(request_id)
+                    if request_id is not None and not self._requests.claim_for_write(request_id):
+                        continue
                     self.writing = True
                     await ws.send_frame(data, _TEXT)
                     self.writing = False

@@ -107,6 +107,16 @@ class RequestManager:
                 failed.add(rid)
         return failed
 
+    def claim_for_write(self, request_id: int) -> bool:
+        """``should_write`` and, when True, ``mark_sent``, with one lookup: what the
+        writer asks just before a request's frame goes on the wire."""
+        request = self._inflight.get(request_id)
+        if request is None:
+            return False
+        if request.status == "not_sent":
+            request.status = "sent"
+        return True
+
     def mark_sent(self, request_id: int) -> None:
         request = self._inflight.get(request_id)
         if request is not None and request.status == "not_sent":

@@ -168,7 +168,7 @@ class SyncCore:
 
     def abandon(self, request: Request) -> None:
         """The caller went away. A request not yet written to a socket is dropped (the
-        writer skips its queued frame, ``RequestManager.should_write``); one already
+        writer skips its queued frame, ``RequestManager.claim_for_write``); one already
         written stays tracked, so a reconnect re-sends it and the server applies it exactly
         once."""
         if request.status == "not_sent":

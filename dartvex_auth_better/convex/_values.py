@@ -192,9 +192,8 @@ def encode_args(args: Mapping[str, Any] | None) -> list[Any]:
     """Encode function arguments as the one-element array the wire format uses."""
     if args is None:
         return [{}]
-    if type(args) is dict:  # the common case, without the Mapping ABC check
-        return [encode_value(args)]
-    if not isinstance(args, Mapping):
+    # (A dict, the common case, skips the Mapping ABC check.)
+    if type(args) is not dict and not isinstance(args, Mapping):
         raise TypeError(f"function arguments must be a mapping, not {type(args).__name__}")
     return [encode_value(args)]  # (ValueError, not RecursionError, for too deep a value)
 

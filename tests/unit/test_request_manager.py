@@ -334,3 +334,16 @@ async def test_an_awaited_failed_request_still_raises():
     manager.fail_all(ClientClosedError("closed"))
     with pytest.raises(ClientClosedError):
         await request.future
+
+
+async def test_claim_for_write_marks_a_live_request_sent_and_refuses_a_dropped_one():
+    manager = RequestManager()
+    kept = manager.new_request("action", "a:b", [{}])
+    dropped = manager.new_request("action", "a:c", [{}])
+    manager.forget(dropped)
+    assert manager.claim_for_write(kept.message.request_id)
+    assert kept.status == "sent"
+    assert manager.claim_for_write(kept.message.request_id)  # a re-send: still allowed
+    assert kept.status == "sent"
+    assert not manager.claim_for_write(dropped.message.request_id)
+    assert dropped.status == "not_sent"
