@@ -721,9 +721,7 @@ class AuthManager:
         due = self._refresh_at
         if (
             due is None
-            or self._fetcher is None
-            or self._signed_out_latch
-            or self._closed.is_set()
+            or self._refreshing_ended()
             or self._refresh_running
             or (self._spawn is None and self._due is None)
         ):
@@ -752,6 +750,10 @@ class AuthManager:
             self._ticker = _Ticker.for_clock(loop, self._clock)
             self._ticker_entry = self._ticker.join(loop, self, due)
 
+    def _refreshing_ended(self) -> bool:
+        """No token source, signed out, or closed: no refresh is due, whatever the time."""
+        return self._fetcher is None or self._signed_out_latch or self._closed.is_set()
+
     def _leave_ticker(self) -> None:
         ticker, self._ticker = self._ticker, None
         entry, self._ticker_entry = self._ticker_entry, None
@@ -764,13 +766,7 @@ class AuthManager:
         try:
             while True:
                 due = self._refresh_at
-                if (
-                    due is None
-                    or self._fetcher is None
-                    or self._signed_out_latch
-                    or self._closed.is_set()
-                    or due > self._clock()
-                ):
+                if due is None or self._refreshing_ended() or due > self._clock():
                     return
                 await self._refresh_once()
         finally:
