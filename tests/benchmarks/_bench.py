@@ -7,7 +7,10 @@ process). The servers run in a process of their own (``_servers.py``).
 
 Each section runs several rounds; within a round every contender runs once, in an order
 that rotates from round to round (interleaved), after one warm-up round that is not
-counted. A figure is the median over rounds, shown with its range ``[min-max]``.
+counted. In a round-trip round every contender's client stays open and they take turns of
+``ROUND_TRIP_TURN`` calls, so that all of them are measured over the same seconds. A
+figure is the median over rounds, shown with its range ``[min-max]``; a ratio is taken
+within each round, then its median.
 """
 
 from __future__ import annotations
@@ -18,7 +21,8 @@ import json
 import os
 import sys
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
 from math import inf
 from pathlib import Path
@@ -103,19 +107,38 @@ class Contenders:
             names = [n for n in names if n in self.only]
         return names
 
-    async def roundtrips(self, name: str, kind: str, n: int) -> list[float]:
+    @asynccontextmanager
+    async def round_trip_caller(
+        self, name: str, kind: str, warm: int
+    ) -> AsyncIterator[_inproc.Block]:
+        """A connected, warmed client of contender ``name``, as a function that runs its
+        next n sequential calls and returns their latencies (microseconds)."""
         url, token = self.servers["convex_url"], self.servers["token"]
         if name in ("ours", "floor"):
-            run = _inproc.ours_roundtrips if name == "ours" else _inproc.floor_roundtrips
-            # The same bound as a driver's answer: a stuck client fails the run, never
-            # hangs it.
-            async with asyncio.timeout(CALL_TIMEOUT):
-                return await run(url, token, kind, n)
+            caller = _inproc.ours_caller if name == "ours" else _inproc.floor_caller
+            async with caller(url, token, kind, warm) as block:
+                # The same bound as a driver's answer: a stuck client fails the run,
+                # never hangs it.
+
+                async def bounded(n: int) -> list[float]:
+                    async with asyncio.timeout(CALL_TIMEOUT):
+                        return await block(n)
+
+                yield bounded
+            return
         helper = self.pypi if name == "pypi" else self.npm
         assert helper is not None
-        request = {"op": "rt", "url": url, "token": token, "kind": kind, "n": n}
-        answer = await helper.call(request, timeout=CALL_TIMEOUT)
-        return [float(x) for x in answer["latencies"]]
+        opened = {"op": "rt_open", "url": url, "token": token, "kind": kind, "warm": warm}
+        await helper.call(opened, timeout=CALL_TIMEOUT)
+        try:
+
+            async def remote(n: int) -> list[float]:
+                answer = await helper.call({"op": "rt_block", "n": n}, timeout=CALL_TIMEOUT)
+                return [float(x) for x in answer["latencies"]]
+
+            yield remote
+        finally:
+            await helper.call({"op": "rt_close"}, timeout=CALL_TIMEOUT)
 
     async def feed(self, name: str, size: str, n: int) -> tuple[float, int, bool]:
         """(seconds, values the consumer saw, final value delivered)."""
@@ -215,15 +238,50 @@ def _ratio_rows(
 # -- sections ---------------------------------------------------------------------------------
 
 
+#: Calls per contender per turn in a round-trip round. Every contender's client stays open
+#: for the whole round and the turns rotate, so a contender's 2,000 calls are spread over
+#: the same seconds as everyone else's: this machine's speed drifts by up to 1.5x within
+#: a minute, and one contender's calls made all at once would carry that drift into the
+#: ratio (per-round ratios spread by about 0.1 that way, against 0.015 in turns of 100).
+ROUND_TRIP_TURN = 100
+
+
+async def _round_trip_round(
+    c: Contenders, names: Sequence[str], kind: str, calls: int
+) -> dict[str, list[float]]:
+    """One round: every contender connected and warmed, then their calls in turns."""
+    turn = max(1, min(ROUND_TRIP_TURN, calls))
+    latencies: dict[str, list[float]] = {name: [] for name in names}
+    async with AsyncExitStack() as stack:
+        blocks = {
+            name: await stack.enter_async_context(c.round_trip_caller(name, kind, turn))
+            for name in names
+        }
+        done = 0
+        index = 0
+        while done < calls:
+            n = min(turn, calls - done)
+            for name in _rotation(names, index):
+                latencies[name] += await blocks[name](n)
+            done += n
+            index += 1
+    return latencies
+
+
 async def section_roundtrip(c: Contenders, s: Settings, out: dict[str, Any]) -> list[Row]:
     rows: list[Row] = []
+    names = c.names()
     for kind in ("mutation", "query"):
-
-        async def run(name: str, kind: str = kind) -> dict[str, float]:
-            latencies = await c.roundtrips(name, kind, s.calls)
-            return {"p50": percentile(latencies, 50), "p99": percentile(latencies, 99)}
-
-        results = await _rounds(c.names(), s.rounds, run, f"{kind} round trip")
+        results: dict[str, list[dict[str, float]]] = {name: [] for name in names}
+        for index in range(s.rounds + 1):
+            latencies = await _round_trip_round(c, _rotation(names, index), kind, s.calls)
+            if index > 0:
+                for name, values in latencies.items():
+                    results[name].append(
+                        {"p50": percentile(values, 50), "p99": percentile(values, 99)}
+                    )
+            tag = "warm-up" if index == 0 else f"round {index}/{s.rounds}"
+            print(f"  {kind} round trip: {tag} done", file=sys.stderr, flush=True)
         title = f"{kind} round trip, {s.calls} sequential calls"
         rows.append(Row(title, "p50", dict(_collect(results, "p50")), "us"))
         rows.append(Row(title, "p99", dict(_collect(results, "p99")), "us"))

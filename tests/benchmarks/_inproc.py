@@ -13,11 +13,13 @@ options (no message-size cap, no compression, text frames handed over as bytes).
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import struct
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from typing import Any, Literal
 
 import aiohttp
@@ -26,11 +28,13 @@ import msgspec
 from dartvex_auth_better import ConvexClient
 
 __all__ = [
+    "Block",
     "FloorClient",
+    "floor_caller",
+    "floor_throughput",
+    "ours_caller",
     "ours_roundtrips",
     "ours_throughput",
-    "floor_roundtrips",
-    "floor_throughput",
 ]
 
 
@@ -217,37 +221,71 @@ class FloorClient:
 
 # -- round trips ------------------------------------------------------------------------
 
+#: Seconds a client may take to connect, authenticate and warm up.
+SETUP_TIMEOUT = 120.0
 
-async def _timed(call: Callable[[int], Awaitable[Any]], n: int) -> list[float]:
-    """Latencies in microseconds of n sequential calls."""
-    await call(-1)  # connected and authenticated before timing, as in the drivers
-    out: list[float] = []
+#: Runs the next n sequential calls and returns their latencies in microseconds.
+Block = Callable[[int], Awaitable[list[float]]]
+
+
+def _block_runner(call: Callable[[int], Awaitable[Any]]) -> Block:
     clock = time.perf_counter_ns
-    for i in range(n):
-        started = clock()
-        await call(i)
-        out.append((clock() - started) / 1000.0)
-    return out
+    next_arg = 0
+
+    async def block(n: int) -> list[float]:
+        nonlocal next_arg
+        out: list[float] = []
+        for i in range(next_arg, next_arg + n):
+            started = clock()
+            await call(i)
+            out.append((clock() - started) / 1000.0)
+        next_arg += n
+        return out
+
+    return block
+
+
+def _bench_call(client: ConvexClient | FloorClient, kind: str) -> Callable[[int], Awaitable[Any]]:
+    if kind == "mutation":
+        return lambda i: client.mutation("bench:mut", {"n": float(i)})
+    return lambda i: client.query("bench:get", {"n": float(i)})
+
+
+async def _warm(call: Callable[[int], Awaitable[Any]], warm: int) -> None:
+    # Connected, authenticated and past the first calls' one-off costs before timing, as
+    # in the drivers.
+    for i in range(max(1, warm)):
+        await call(-1 - i)
+
+
+@asynccontextmanager
+async def ours_caller(url: str, token: str, kind: str, warm: int) -> AsyncIterator[Block]:
+    async with ConvexClient(url) as client:
+        call = _bench_call(client, kind)
+        async with asyncio.timeout(SETUP_TIMEOUT):
+            await client.set_auth(token)
+            await client.wait_connected()
+            await _warm(call, warm)
+        yield _block_runner(call)
+
+
+@asynccontextmanager
+async def floor_caller(url: str, token: str, kind: str, warm: int) -> AsyncIterator[Block]:
+    client = FloorClient(url)
+    try:
+        call = _bench_call(client, kind)
+        async with asyncio.timeout(SETUP_TIMEOUT):
+            await client.connect(token)
+            await _warm(call, warm)
+        yield _block_runner(call)
+    finally:
+        await client.close()
 
 
 async def ours_roundtrips(url: str, token: str, kind: str, n: int) -> list[float]:
-    async with ConvexClient(url) as client:
-        await client.set_auth(token)
-        await client.wait_connected()
-        if kind == "mutation":
-            return await _timed(lambda i: client.mutation("bench:mut", {"n": float(i)}), n)
-        return await _timed(lambda i: client.query("bench:get", {"n": float(i)}), n)
-
-
-async def floor_roundtrips(url: str, token: str, kind: str, n: int) -> list[float]:
-    client = FloorClient(url)
-    await client.connect(token)
-    try:
-        if kind == "mutation":
-            return await _timed(lambda i: client.mutation("bench:mut", {"n": float(i)}), n)
-        return await _timed(lambda i: client.query("bench:get", {"n": float(i)}), n)
-    finally:
-        await client.close()
+    """n sequential calls on one client of ours, after one untimed call (the profile's run)."""
+    async with ours_caller(url, token, kind, 1) as block:
+        return await block(n)
 
 
 # -- subscription throughput ---------------------------------------------------------------

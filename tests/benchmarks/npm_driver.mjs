@@ -5,11 +5,15 @@
 // tests drive). Requests arrive as JSON lines on stdin; answers go to stdout as one line
 // "@@bench " + JSON each:
 //
-//   {"op":"rt","url","token","kind":"mutation"|"query","n"} -> {"latencies":[microseconds]}
+//   {"op":"rt_open","url","token","kind":"mutation"|"query","warm"} -> {}: a client for
+//       round trips, connected, authenticated and warmed by `warm` untimed calls
+//   {"op":"rt_block","n"} -> {"latencies":[microseconds]}: the next n sequential calls on
+//       it (the harness interleaves blocks of the contenders)
+//   {"op":"rt_close"} -> {}: close that client
 //   {"op":"feed","url","size","n"} -> {"elapsed","seen","final_seq"}
 //
-// Every request uses a fresh client, closed afterwards. The client's own logging goes to
-// stderr.
+// Every rt_open and feed uses a fresh client, closed afterwards. The client's own
+// logging goes to stderr.
 
 import { createRequire } from "node:module";
 import path from "node:path";
@@ -36,21 +40,38 @@ function emit(payload) {
   process.stdout.write(MARK + JSON.stringify(payload) + "\n");
 }
 
-async function roundtrips(request) {
+let openRt = null;
+
+async function rtOpen(request) {
   const client = new ConvexClient(request.url);
   client.setAuth(async () => request.token);
   const isMutation = request.kind === "mutation";
   const call = (i) =>
     isMutation ? client.mutation(MUT, { n: i }) : client.query(GET, { n: i });
-  await call(-1); // connected and authenticated before timing
+  const warm = Math.max(1, request.warm ?? 1);
+  for (let i = 0; i < warm; i++) await call(-1 - i); // connected and authenticated first
+  openRt = { client, call, next: 0 };
+  return {};
+}
+
+async function rtBlock(request) {
+  if (openRt === null) throw new Error("rt_block before rt_open");
+  const { call } = openRt;
   const latencies = [];
-  for (let i = 0; i < request.n; i++) {
+  const end = openRt.next + request.n;
+  for (let i = openRt.next; i < end; i++) {
     const started = process.hrtime.bigint();
     await call(i);
     latencies.push(Number(process.hrtime.bigint() - started) / 1000);
   }
-  await client.close();
+  openRt.next = end;
   return { latencies };
+}
+
+async function rtClose() {
+  if (openRt !== null) await openRt.client.close();
+  openRt = null;
+  return {};
 }
 
 async function feed(request) {
@@ -90,7 +111,9 @@ rl.on("line", (line) => {
   queue = queue.then(async () => {
     const request = JSON.parse(line);
     try {
-      if (request.op === "rt") emit(await roundtrips(request));
+      if (request.op === "rt_open") emit(await rtOpen(request));
+      else if (request.op === "rt_block") emit(await rtBlock(request));
+      else if (request.op === "rt_close") emit(await rtClose());
       else if (request.op === "feed") emit(await feed(request));
       else emit({ error: `unknown op ${request.op}` });
     } catch (error) {

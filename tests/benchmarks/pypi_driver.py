@@ -4,12 +4,16 @@ It runs in its own interpreter: the client's blocking calls hold the GIL (refere
 so it must not share a process with the servers or with the other contenders. Requests
 arrive as JSON lines on stdin, answers go out as ``@@bench`` lines on stdout:
 
-* ``{"op": "rt", "url", "token", "kind": "mutation"|"query", "n"}`` ->
-  ``{"latencies": [microseconds, ...]}`` for n sequential calls on one client;
+* ``{"op": "rt_open", "url", "token", "kind": "mutation"|"query", "warm"}`` -> ``{}``:
+  a client for round trips, connected, authenticated and warmed by ``warm`` untimed calls;
+* ``{"op": "rt_block", "n"}`` -> ``{"latencies": [microseconds, ...]}`` for the next n
+  sequential calls on that client (the harness interleaves blocks of the contenders);
+* ``{"op": "rt_close"}`` -> ``{}``: drop that client;
 * ``{"op": "feed", "url", "size", "n"}`` -> ``{"elapsed", "seen", "final_seq"}``: subscribe
   to ``bench:ping``, wait for it, then time ``bench:feed`` until its n-th value.
 
-Every request uses a fresh client. The wheel's tokio threads are left behind at exit.
+Every ``rt_open`` and ``feed`` uses a fresh client. The wheel's tokio threads are left
+behind at exit.
 """
 
 from __future__ import annotations
@@ -32,20 +36,28 @@ def emit(payload: dict[str, Any]) -> None:
     sys.stdout.flush()
 
 
-def roundtrips(request: dict[str, Any]) -> dict[str, Any]:
-    client = ConvexClient(request["url"])
-    client.set_auth(request["token"])
-    n = int(request["n"])
-    call = client.mutation if request["kind"] == "mutation" else client.query
-    name = "bench:mut" if request["kind"] == "mutation" else "bench:get"
-    call(name, {"n": -1.0})  # connected and authenticated before timing
-    clock = time.perf_counter_ns
-    latencies: list[float] = []
-    for i in range(n):
-        started = clock()
-        call(name, {"n": float(i)})
-        latencies.append((clock() - started) / 1000.0)
-    return {"latencies": latencies}
+class RoundTrips:
+    """The open round-trip client between ``rt_open`` and ``rt_close``."""
+
+    def __init__(self, request: dict[str, Any]) -> None:
+        self.client = ConvexClient(request["url"])
+        self.client.set_auth(request["token"])
+        mutation = request["kind"] == "mutation"
+        self.call = self.client.mutation if mutation else self.client.query
+        self.name = "bench:mut" if mutation else "bench:get"
+        self.next = 0
+        for i in range(int(request.get("warm", 1)) or 1):
+            self.call(self.name, {"n": -1.0 - i})  # connected and authenticated first
+
+    def block(self, n: int) -> dict[str, Any]:
+        call, name, clock = self.call, self.name, time.perf_counter_ns
+        latencies: list[float] = []
+        for i in range(self.next, self.next + n):
+            started = clock()
+            call(name, {"n": float(i)})
+            latencies.append((clock() - started) / 1000.0)
+        self.next += n
+        return {"latencies": latencies}
 
 
 def feed(request: dict[str, Any]) -> dict[str, Any]:
@@ -68,14 +80,23 @@ def feed(request: dict[str, Any]) -> dict[str, Any]:
 
 def main() -> None:
     emit({"ready": True})
+    open_rt: RoundTrips | None = None
     for line in sys.stdin:
         if not line.strip():
             continue
         request = json.loads(line)
         faulthandler.dump_traceback_later(WATCHDOG_SECONDS, exit=True)
         try:
-            if request["op"] == "rt":
-                emit(roundtrips(request))
+            if request["op"] == "rt_open":
+                open_rt = RoundTrips(request)
+                emit({})
+            elif request["op"] == "rt_block":
+                if open_rt is None:
+                    raise RuntimeError("rt_block before rt_open")
+                emit(open_rt.block(int(request["n"])))
+            elif request["op"] == "rt_close":
+                open_rt = None
+                emit({})
             elif request["op"] == "feed":
                 emit(feed(request))
             else:
