@@ -25,7 +25,7 @@ from __future__ import annotations
 import asyncio
 import os
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine, Generator
 from typing import Any
 
 import aiohttp
@@ -73,6 +73,7 @@ class InlineFrames:
         "_parser",
         "_protocol",
         "_queue",
+        "_taker",
         "_wake",
         "_ws",
         "error",
@@ -95,6 +96,8 @@ class InlineFrames:
         self._protocol = protocol
         self._parser = parser
         self._on_text = on_text
+        # The coroutine that takes frames (see drain), made at the first drain.
+        self._taker: Coroutine[Any, Any, None] | None = None
         self._wake = Flag()
         # The reader task is taking frames with ws.receive(): leave the queue to it.
         self.reader_active = False
@@ -136,6 +139,9 @@ class InlineFrames:
         self.stopped = True
         if self._protocol._payload_parser is self:
             self._protocol._payload_parser = self._parser
+        if self._taker is not None:
+            self._taker.close()
+            self._taker = None
 
     # -- the parser's interface, as aiohttp's protocol calls it ---------------------------
 
@@ -171,28 +177,59 @@ class InlineFrames:
         them; wake the reader task for whatever it leaves."""
         if self.reader_active or self.stopped or self.held is not None or self._ws.closed:
             return
-        buffer, queue, on_text = self._buffer, self._queue, self._on_text
+        # The frames are taken by one long-lived coroutine, resumed here and paused when
+        # the batch is done, rather than by calling queue.read() here: a coroutine call
+        # made from plain code ends in a StopIteration, which cost about 0.5 us per frame
+        # (a third of what the floor spends on a frame), while an await inside a coroutine
+        # returns the value directly.
+        taker = self._taker
+        if taker is None:
+            taker = self._taker = self._take_frames()
         try:
+            paused = taker.send(None)
+        except StopIteration:  # on_text said ENDED
+            self._taker = None
+        except Exception as exc:
+            self._taker = None
+            self.error = exc
+            self.stopped = True
+        else:
+            if paused is not _PAUSED:  # pragma: no cover - a queue with a frame never waits
+                self._taker = None
+                taker.close()
+                self.error = RuntimeError("aiohttp's queue waited with a frame in it")
+                self.stopped = True
+        if self.stopped or self.held is not None or self._buffer or self._queue.is_eof():
+            self._wake.set()
+
+    async def _take_frames(self) -> None:
+        buffer, read, on_text = self._buffer, self._queue.read, self._on_text
+        while True:
             while buffer and buffer[0][0].type is _TEXT:
                 # read() returns at once when the queue holds a frame; it keeps aiohttp's
                 # flow-control accounting right (a paused transport is resumed).
-                read = queue.read()
-                try:
-                    read.send(None)
-                except StopIteration as done:
-                    msg: aiohttp.WSMessage = done.value
-                else:  # pragma: no cover - a queue with a frame never waits
-                    read.close()
-                    raise RuntimeError("aiohttp's queue waited with a frame in it")
+                msg: aiohttp.WSMessage = await read()
                 outcome = on_text(msg)
                 if outcome:
-                    if outcome == HANDED_BACK:
-                        self.held = msg
-                    else:
+                    if outcome != HANDED_BACK:
                         self.stopped = True
+                        return
+                    self.held = msg
                     break
-        except Exception as exc:
-            self.error = exc
-            self.stopped = True
-        if self.stopped or self.held is not None or buffer or queue.is_eof():
-            self._wake.set()
+            await _pause()
+
+
+class _Paused:
+    """What the frame taker yields to drain() when it has taken what it could."""
+
+    __slots__ = ()
+
+    def __await__(self) -> Generator[_Paused, None, None]:
+        yield self
+
+
+_PAUSED = _Paused()
+
+
+def _pause() -> _Paused:
+    return _PAUSED
