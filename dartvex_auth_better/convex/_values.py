@@ -53,6 +53,8 @@ _VALID_NAMES_LIMIT = 4096
 # shows a string longer than a field name may be (matches only start at quotes: fast).
 _LONG_STRING = re.compile(rb'"[^"]{%d}' % (_MAX_FIELD_NAME + 1))
 _CONTAINERS = (dict, list)
+# An int of at most this size is exactly a float64 (what a plain number is on the wire).
+_EXACT_INT = 2**53
 _BACKSLASH, _DOLLAR, _DEL = ord("\\"), ord("$"), 0x7F
 
 
@@ -120,18 +122,38 @@ def _encode(value: Any) -> Any:
     if kind is float:
         if value != 0.0 and value - value == 0.0:  # finite and not -0.0 (nor 0.0)
             return value
+    elif kind is int:
+        if -_EXACT_INT <= value <= _EXACT_INT:
+            return value
     elif kind is dict:
-        keys = list(value)
-        for key in keys:
-            if type(key) is not str:
-                break
+        # Keys in order; one key needs no sort (sorted() of one item costs more than the
+        # rest of this). Keys that are not all str (sorted() may raise for them) go to the
+        # general code below, for its error.
+        try:
+            keys = list(value) if len(value) < 2 else sorted(value)
+        except TypeError:
+            keys = []
         else:
-            keys.sort()
             valid = _valid_names
-            return {
-                (key if key in valid else _checked_name(key, ValueError)): _encode(value[key])
-                for key in keys
-            }
+            out: dict[str, Any] = {}
+            for key in keys:
+                if key not in valid:
+                    if type(key) is not str:
+                        break
+                    key = _checked_name(key, ValueError)
+                item = value[key]
+                # The commonest values, without a call each (the same tests as above).
+                item_kind = type(item)
+                if item_kind is float:
+                    if item != 0.0 and item - item == 0.0:
+                        out[key] = item
+                        continue
+                elif item_kind is str and item.isascii():
+                    out[key] = item
+                    continue
+                out[key] = _encode(item)
+            else:
+                return out
     if value is None or value is True or value is False:
         return value
     if isinstance(value, str):

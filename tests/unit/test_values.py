@@ -175,3 +175,37 @@ def test_too_deep_a_value_is_a_value_error_not_a_recursion_error(depth):
 
 def test_moderately_deep_values_encode():
     assert encode_args({"a": deep_list(64)}) == [{"a": deep_list(64)}]
+
+
+# A plain dict takes encode_value's fast paths; any other Mapping takes the general code.
+# Both must give the same wire value, and the same error type for a bad value.
+_FAST_AND_GENERAL = [
+    {},
+    {"n": 5.0},
+    {"b": 1, "a": 2, "c": 3},
+    {"n": 0.0, "m": -0.0, "nan": math.nan, "inf": -math.inf},
+    {"big": 2**53, "small": -(2**53), "bool": True, "none": None, "zero": 0},
+    {"exact": 2**60, "float_int": 3},
+    {"text": "héllo", "ascii": "hi", "empty": ""},
+    {"nested": {"z": [1.5, {"y": Int64(7)}], "a": b"\x00"}},
+    {"inexact": 2**53 + 1},
+    {"surrogate": "\ud800"},
+    {"$bad": 1},
+    {"bad\x01name": 1},
+    {1: "int key"},
+    {"a": 1, 2: "mixed keys"},
+    {"obj": object()},
+]
+
+
+@pytest.mark.parametrize("value", _FAST_AND_GENERAL, ids=repr)
+def test_a_dict_encodes_as_the_same_mapping_through_the_general_code(value):
+    from types import MappingProxyType
+
+    def outcome(arg):
+        try:
+            return ("ok", msgspec.json.encode(encode_value(arg)))
+        except (TypeError, ValueError) as exc:
+            return (type(exc).__name__, None)
+
+    assert outcome(value) == outcome(MappingProxyType(value))
