@@ -177,10 +177,10 @@ def _encode(value: Any) -> Any:
     if isinstance(value, list | tuple):
         return [_encode(item) for item in value]
     if isinstance(value, Mapping):
-        out: dict[str, Any] = {}
+        encoded: dict[str, Any] = {}
         for key in sorted(value, key=_sort_key):
-            out[_check_field_name(key, ValueError)] = _encode(value[key])
-        return out
+            encoded[_check_field_name(key, ValueError)] = _encode(value[key])
+        return encoded
     raise TypeError(f"cannot send a {type(value).__name__} to Convex")
 
 
