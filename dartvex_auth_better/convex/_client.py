@@ -750,7 +750,7 @@ class ConvexClient:
             # not in _handle_ws_message: fewer Python calls per frame. _core, _status and
             # _chunks stay the same objects for the whole socket (not _chunks._parts).
             chunks, status, core = self._chunks, self._status, self._core
-            handle_transition = core.handle_transition
+            handle_transition, handle_response = core.handle_transition, core.handle_response
             ended_inline: _SocketEnded | None = None
 
             def take_inline(msg: aiohttp.WSMessage) -> int:
@@ -774,7 +774,7 @@ class ConvexClient:
                         handle_transition(server_msg)
                     elif type(server_msg) is MutationResponse or type(server_msg) is ActionResponse:
                         check_server_message(server_msg)
-                        core.handle(server_msg)
+                        handle_response(server_msg)
                     else:
                         return HANDED_BACK
                 except (ServerFatalError, ProtocolError) as exc:

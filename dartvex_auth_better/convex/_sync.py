@@ -227,16 +227,7 @@ class SyncCore:
         if isinstance(msg, Transition):
             self.handle_transition(msg)
         elif isinstance(msg, MutationResponse | ActionResponse):
-            ts: int | None = None
-            if isinstance(msg, MutationResponse) and msg.success and msg.ts is not None:
-                ts = decode_ts(msg.ts)
-                if ts > self.max_observed_ts:
-                    self.max_observed_ts = ts
-            dropped = self.requests.on_response(msg, self._remote_ts, ts)
-            if dropped:
-                self._notify_tokens(self.optimistic.rebuild(dropped))
-            if not self._synced:
-                self._check_synced()
+            self.handle_response(msg)
         elif isinstance(msg, AuthError):
             self.on_auth_error(msg)
         elif isinstance(msg, FatalError):
@@ -246,6 +237,19 @@ class SyncCore:
             pass
         elif isinstance(msg, TransitionChunk):  # pragma: no cover - reassembled earlier
             raise ProtocolError("unexpected TransitionChunk")
+
+    def handle_response(self, msg: MutationResponse | ActionResponse) -> None:
+        """``handle`` for a call's response (the socket loop calls it directly)."""
+        ts: int | None = None
+        if type(msg) is MutationResponse and msg.success and msg.ts is not None:
+            ts = decode_ts(msg.ts)
+            if ts > self.max_observed_ts:
+                self.max_observed_ts = ts
+        dropped = self.requests.on_response(msg, self._remote_ts, ts)
+        if dropped:
+            self._notify_tokens(self.optimistic.rebuild(dropped))
+        if not self._synced:
+            self._check_synced()
 
     def handle_transition(self, msg: Transition) -> None:
         """``handle`` for a Transition (the socket loop calls it directly)."""
