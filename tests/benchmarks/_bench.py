@@ -8,7 +8,8 @@ process). The servers run in a process of their own (``_servers.py``).
 Each section runs several rounds; within a round every contender runs once, in an order
 that rotates from round to round (interleaved), after one warm-up round that is not
 counted. In a round-trip round every contender's client stays open and they take turns of
-``ROUND_TRIP_TURN`` calls, so that all of them are measured over the same seconds. A
+``ROUND_TRIP_TURN`` calls, so that all of them are measured over the same seconds; in a
+throughput round each runs twice, in mirrored order (A B C D D C B A). A
 figure is the median over rounds, shown with its range ``[min-max]``; a ratio is taken
 within each round, then its median.
 """
@@ -165,14 +166,25 @@ async def _rounds(
     rounds: int,
     run: Callable[[str], Awaitable[dict[str, float]]],
     label: str,
+    *,
+    mirrored: bool = False,
 ) -> dict[str, list[dict[str, float]]]:
-    """Warm-up round, then ``rounds`` interleaved rounds; per contender a list of figures."""
+    """Warm-up round, then ``rounds`` interleaved rounds; per contender a list of figures.
+
+    ``mirrored``: in a round every contender runs twice, in the round's order and then in
+    reverse (A B C D D C B A), and its figure is the mean of the two runs. A drift of the
+    machine's speed over the round then weighs on every contender alike."""
     results: dict[str, list[dict[str, float]]] = {name: [] for name in names}
     for index in range(rounds + 1):
-        for name in _rotation(names, index):
-            figures = await run(name)
-            if index > 0:
-                results[name].append(figures)
+        order = _rotation(names, index)
+        runs: dict[str, list[dict[str, float]]] = {name: [] for name in names}
+        for name in [*order, *reversed(order)] if mirrored else order:
+            runs[name].append(await run(name))
+        if index > 0:
+            for name, figures in runs.items():
+                results[name].append(
+                    {key: sum(f[key] for f in figures) / len(figures) for key in figures[0]}
+                )
         tag = "warm-up" if index == 0 else f"round {index}/{rounds}"
         print(f"  {label}: {tag} done", file=sys.stderr, flush=True)
     return results
@@ -308,7 +320,8 @@ async def section_throughput(c: Contenders, s: Settings, out: dict[str, Any]) ->
             elapsed, seen, final_ok = await c.feed(name, size, s.updates)
             return {"rate": s.updates / elapsed, "seen": float(seen), "final": float(final_ok)}
 
-        results = await _rounds(c.names(), s.rounds, run, f"throughput {size}")
+        # A run lasts well under a second, so the order within a round matters: mirrored.
+        results = await _rounds(c.names(), s.rounds, run, f"throughput {size}", mirrored=True)
         title = f"subscription throughput, {s.updates} Transitions, {size} values"
         frames = c.servers.get("frame_bytes", {}).get(size)
         if frames:
