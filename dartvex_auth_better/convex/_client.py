@@ -246,7 +246,9 @@ class ConvexClient:
             self._session = aiohttp.ClientSession()
         # The background work lives in a task group inside one runner task the client
         # owns, so the client can be closed from any task and in any order.
-        self._runner = asyncio.get_running_loop().create_task(
+        loop = asyncio.get_running_loop()
+        self._core.defer = loop.call_soon  # Removes wait for the end of the turn
+        self._runner = loop.create_task(
             self._run_background(), name="dartvex_auth_better.convex.runner"
         )
         return self

@@ -121,7 +121,11 @@ class Subscription:
                 self.close()
 
     def close(self) -> None:
-        """Unsubscribe. Idempotent."""
+        """Unsubscribe. Idempotent.
+
+        The last subscriber's close removes the server query at the end of the event-loop
+        turn, in the same frame as any subscription opened meanwhile (or just before any
+        other frame): ``query()`` after ``query()`` costs one ModifyQuerySet each."""
         query, self._query = self._query, None
         self._waker.set()  # wake a pending next() so it sees the subscription is closed
         if query is not None and self._core.terminal_error is None:

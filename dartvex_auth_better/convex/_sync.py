@@ -78,6 +78,14 @@ class SyncCore:
         # Called when the client catches up after a reconnect (the socket loop resets its
         # backoff there).
         self.on_synced: Callable[[], None] = lambda: None
+        # Removes not sent yet: they wait for the end of the event-loop turn, so that a
+        # query closed and another opened in the same turn (a one-off query() after
+        # another, a watch changing its args) go out as one ModifyQuerySet, answered by
+        # one Transition. Any other frame sends them first, so the order on the wire is
+        # the order of the calls. ``defer`` runs a callback at the end of the turn (the
+        # client sets it to loop.call_soon); None sends every Remove at once.
+        self.defer: Callable[[Callable[[], None]], object] | None = None
+        self._removes: list[RemoveQuery] = []
 
     @property
     def send(self) -> Callable[[Outgoing], None] | None:
@@ -89,6 +97,7 @@ class SyncCore:
     def send(self, send: Callable[[Outgoing], None] | None) -> None:
         closed = send is None and self._send is not None
         self._send = send
+        self._removes = []  # for the old socket; a new one starts from restart()
         if closed and self.terminal_error is None and not self._fatal_seen:
             self.requests.on_disconnect()
 
@@ -98,6 +107,8 @@ class SyncCore:
         send = self._send
         if send is None:
             return
+        if self._removes:
+            self._send_removes()
         if self.paused:
             self._held.append((frame, request_id))
         else:
@@ -106,6 +117,8 @@ class SyncCore:
     def pause(self) -> None:
         """Hold every frame back (while the first token of a flow is being fetched), so
         nothing goes out under the wrong identity."""
+        if self._removes:
+            self._send_removes()  # made before the pause: they go out as they would have
         self.paused = True
 
     def resume(self) -> None:
@@ -138,8 +151,33 @@ class SyncCore:
     def _modify(self, change: AddQuery | RemoveQuery) -> None:
         # While disconnected the change lives only in the query set; the restart
         # ModifyQuerySet on the next socket carries the whole set.
+        if self._send is None:
+            return
+        removes = self._removes
+        if type(change) is RemoveQuery:
+            defer = self.defer
+            if defer is not None and not self.paused:
+                if not removes:
+                    defer(self._send_removes)
+                removes.append(change)
+                return
+        if removes:
+            # The Removes waiting for the end of the turn go out with this change.
+            self._removes = []
+            changes: list[AddQuery | RemoveQuery] = [*removes, change]
+        else:
+            changes = [change]
+        self._emit(encode_client_message(self.query_set.modify(changes)))
+
+    def _send_removes(self) -> None:
+        """Send the Removes still waiting (at the end of the turn, or before another
+        frame); nothing when they were sent or dropped meanwhile."""
+        removes = self._removes
+        if not removes:
+            return
+        self._removes = []
         if self._send is not None:
-            self._emit(encode_client_message(self.query_set.modify([change])))
+            self._emit(encode_client_message(self.query_set.modify([*removes])))
 
     def request(
         self,
@@ -195,6 +233,7 @@ class SyncCore:
         Authenticate, the whole query set, unanswered mutations and unsent actions (in
         request order). Actions already sent on the old socket fail, retryably."""
         self._held = []  # rebuilt below from state
+        self._removes = []  # the query set below no longer holds them
         self.auth.reset_socket()
         self.remote_version = INITIAL_VERSION
         self._remote_ts = 0

@@ -1,7 +1,8 @@
 """The two in-process contenders: our ConvexClient and the floor.
 
 The **floor** is the least a correct client can do: a bare aiohttp WebSocket that sends the
-same frames as ours (Connect, Authenticate, ModifyQuerySet, Mutation) and decodes every
+same frames as ours (Connect, Authenticate, ModifyQuerySet, Mutation; a query's Remove
+rides with the next query's Add, as ours sends it) and decodes every
 reply with typed msgspec Structs (values kept as ``msgspec.Raw``, like ours), checks that
 each Transition starts at the version it is at, and waits for a mutation's Transition
 before returning, as read-your-writes requires. No reconnects, no subscriptions API, no
@@ -97,6 +98,7 @@ class FloorClient:
         self.version = _Version(0, 0, "AAAAAAAAAAA=")
         self._query_set = 0
         self._next_query = 0
+        self._removes: list[dict[str, Any]] = []
         self._next_request = 0
 
     async def connect(self, token: str | None = None) -> None:
@@ -146,11 +148,15 @@ class FloorClient:
         return decoded
 
     def _modify(self, modification: dict[str, Any]) -> dict[str, Any]:
+        # A query's Remove goes out with the next change, as ours sends it (its Removes
+        # wait for the end of the event-loop turn, and query() after query() is one turn).
+        modifications = [*self._removes, modification]
+        self._removes = []
         frame = {
             "type": "ModifyQuerySet",
             "baseVersion": self._query_set,
             "newVersion": self._query_set + 1,
-            "modifications": [modification],
+            "modifications": modifications,
         }
         self._query_set += 1
         return frame
@@ -185,7 +191,7 @@ class FloorClient:
                 for mod in msg.modifications:
                     if isinstance(mod, _Updated) and mod.query_id == query_id:
                         value = mod.value
-        await self._send(self._modify({"type": "Remove", "queryId": query_id}))
+        self._removes.append({"type": "Remove", "queryId": query_id})
         return msgspec.json.decode(value)
 
     async def feed(self, size: str, n: int) -> tuple[float, int, Any]:

@@ -457,6 +457,26 @@ async def test_query_always_asks_the_server():
         await record.wait_for_frame("ModifyQuerySet", predicate=lambda f: len(removes(record)) == 2)
 
 
+async def test_query_after_query_sends_one_modify_query_set_each():
+    # A query's Remove waits for the end of the turn, so the next query's Add takes it
+    # along: one frame, one Transition per query instead of two.
+    async with running() as (app, client):
+        for n in range(5):
+            assert await client.query("echo:args", {"n": n}) == {"n": n}
+        record = app.convex.connections[0]
+        # (the socket's first ModifyQuerySet is the empty restart one)
+        frames = [f for f in record.frames_of_type("ModifyQuerySet") if f["modifications"]]
+        added = [a["queryId"] for a in adds(record)]
+        assert [[m["type"] for m in f["modifications"]] for f in frames[:5]] == [
+            ["Add"],
+            *[["Remove", "Add"]] * 4,
+        ]
+        # The last Remove goes out on its own once the turn ends.
+        await record.wait_for_frame("ModifyQuerySet", predicate=lambda f: len(removes(record)) == 5)
+        assert removes(record) == added
+        assert client.connection_state is ConnectionState.CONNECTED
+
+
 async def test_function_log_lines_reach_the_function_logger_once(
     caplog: pytest.LogCaptureFixture,
 ):

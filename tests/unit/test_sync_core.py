@@ -1163,6 +1163,121 @@ async def test_no_function_log_records_without_log_lines(caplog: pytest.LogCaptu
     assert function_logs(caplog) == []
 
 
+# -- Removes wait for the end of the turn --------------------------------------------------
+
+
+def deferring(core: SyncCore) -> list[Callable[[], None]]:
+    """Give the core a ``defer`` hook; returns the callbacks due at the end of the turn."""
+    due: list[Callable[[], None]] = []
+    core.defer = due.append
+    return due
+
+
+def end_turn(due: list[Callable[[], None]]) -> None:
+    while due:
+        due.pop(0)()
+
+
+def modifications(frames: list[dict[str, Any]]) -> list[list[tuple[str, int]]]:
+    return [[(m["type"], m["queryId"]) for m in f["modifications"]] for f in frames]
+
+
+async def test_a_remove_rides_with_an_add_made_in_the_same_turn():
+    core = SyncCore(SESSION)
+    due = deferring(core)
+    socket = Socket(core)
+    socket.flush()
+    old = subscribe(core, "q:a")
+    socket.flush()
+    core.unsubscribe(old, next(iter(old.subscribers)))
+    assert socket.flush() == []  # waiting for the end of the turn
+    new = subscribe(core, "q:b")
+    frames = socket.flush()
+    assert modifications(frames) == [[("Remove", old.query_id), ("Add", new.query_id)]]
+    assert (frames[0]["baseVersion"], frames[0]["newVersion"]) == (2, 3)
+    end_turn(due)
+    assert socket.flush() == []  # already sent
+
+
+async def test_removes_alone_go_out_together_at_the_end_of_the_turn():
+    core = SyncCore(SESSION)
+    due = deferring(core)
+    socket = Socket(core)
+    socket.flush()
+    a, b = subscribe(core, "q:a"), subscribe(core, "q:b")
+    socket.flush()
+    core.unsubscribe(a, next(iter(a.subscribers)))
+    core.unsubscribe(b, next(iter(b.subscribers)))
+    assert socket.flush() == [] and len(due) == 1
+    end_turn(due)
+    frames = socket.flush()
+    assert modifications(frames) == [[("Remove", a.query_id), ("Remove", b.query_id)]]
+    assert (frames[0]["baseVersion"], frames[0]["newVersion"]) == (3, 4)
+
+
+@pytest.mark.parametrize("then", ["mutation", "action", "authenticate"])
+async def test_any_other_frame_sends_the_waiting_removes_before_it(then: str):
+    core = SyncCore(SESSION)
+    due = deferring(core)
+    socket = Socket(core)
+    socket.flush()
+    query = subscribe(core, "q:a")
+    socket.flush()
+    core.unsubscribe(query, next(iter(query.subscribers)))
+    if then == "mutation":
+        mutate(core, "m:f")
+    elif then == "action":
+        act(core, "a:f")
+    else:
+        set_token(core, "header.payload.sig")
+        core.send_authenticate()
+    frames = socket.flush()
+    expected = {"mutation": "Mutation", "action": "Action", "authenticate": "Authenticate"}
+    assert types(frames) == ["ModifyQuerySet", expected[then]]
+    assert modifications(frames[:1]) == [[("Remove", query.query_id)]]
+    end_turn(due)
+    assert socket.flush() == []
+
+
+async def test_removes_waiting_when_the_socket_closes_are_dropped_not_sent_later():
+    core = SyncCore(SESSION)
+    due = deferring(core)
+    socket = Socket(core)
+    socket.flush()
+    gone, kept = subscribe(core, "q:gone"), subscribe(core, "q:kept")
+    socket.flush()
+    core.unsubscribe(gone, next(iter(gone.subscribers)))
+    socket.close()
+    second = Socket(core)
+    end_turn(due)  # the turn ends after the new socket opened
+    frames = second.flush()
+    assert types(frames) == ["Connect", "ModifyQuerySet"]  # no Remove for the new socket
+    assert modifications(frames[1:]) == [[("Add", kept.query_id)]]
+    assert (frames[1]["baseVersion"], frames[1]["newVersion"]) == (0, 1)
+
+
+async def test_a_pause_sends_the_waiting_removes_first_and_removes_while_paused_are_held():
+    core = SyncCore(SESSION)
+    due = deferring(core)
+    socket = Socket(core)
+    socket.flush()
+    before = subscribe(core, "q:before")
+    socket.flush()
+    core.unsubscribe(before, next(iter(before.subscribers)))
+    core.pause()
+    assert modifications(socket.flush()) == [[("Remove", before.query_id)]]
+    during = subscribe(core, "q:during")
+    core.unsubscribe(during, next(iter(during.subscribers)))
+    end_turn(due)  # the callback from before the pause finds nothing waiting
+    assert socket.flush() == []
+    set_token(core, "header.payload.sig")
+    core.resume()
+    frames = socket.flush()
+    # Held in order: the Remove of a query never goes out before its Add.
+    assert types(frames) == ["Authenticate", "ModifyQuerySet", "ModifyQuerySet"]
+    assert modifications(frames[1:]) == [[("Add", during.query_id)], [("Remove", during.query_id)]]
+
+
 # -- pause and resume (a token fetch holding everything back) -------------------------------------
 
 
