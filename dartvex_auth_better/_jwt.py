@@ -12,6 +12,8 @@ from typing import Any
 
 import msgspec
 
+from ._json import JSON_ERRORS
+
 __all__ = [
     "MAX_REFRESH_DELAY",
     "MIN_TOKEN_LIFETIME",
@@ -23,6 +25,9 @@ __all__ = [
     "token_lifetime",
     "token_times",
 ]
+
+
+_CLAIMS_ERRORS: tuple[type[Exception], ...] = (ValueError, *JSON_ERRORS)
 
 
 def token_claims(token: str) -> dict[str, Any] | None:
@@ -37,7 +42,7 @@ def token_claims(token: str) -> dict[str, Any] | None:
     try:
         raw = base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4))
         claims = msgspec.json.decode(raw)
-    except (ValueError, msgspec.DecodeError):
+    except _CLAIMS_ERRORS:
         return None
     return claims if isinstance(claims, dict) else None
 

@@ -53,6 +53,7 @@ from .._errors import (
     TransportError,
     UserAlreadyExistsError,
 )
+from .._json import JSON_ERRORS
 from .._jwt import token_claims
 from .._logging import better_auth_logger as log
 from .._logging import redact
@@ -742,7 +743,7 @@ def _describe(exc: BaseException) -> str:
 def _decode_json(response: _Response) -> Any:
     try:
         return msgspec.json.decode(response.body)
-    except msgspec.DecodeError:
+    except JSON_ERRORS:
         raise _shape_error(response, f"with {_body_kind(response)}") from None
 
 
@@ -773,7 +774,7 @@ def _error_fields(response: _Response) -> tuple[str | None, str | None]:
     """Better Auth's ``code`` and ``message`` (or ``error``) from a JSON error body."""
     try:
         data = msgspec.json.decode(response.body)
-    except msgspec.DecodeError:
+    except JSON_ERRORS:
         return None, None
     if not isinstance(data, dict):
         return None, None
@@ -842,7 +843,7 @@ def _status_error(response: _Response, site_url: str) -> BetterAuthError:
 def _is_json(response: _Response) -> bool:
     try:
         msgspec.json.decode(response.body)
-    except msgspec.DecodeError:
+    except JSON_ERRORS:
         return False
     return True
 

@@ -26,6 +26,7 @@ import anyio
 import msgspec
 
 from .._errors import NoSessionError, SessionExpiredError, SessionStoreError
+from .._json import JSON_ERRORS
 from .._jwt import token_claims, token_expiry
 from .._logging import auth_logger as log
 from .._logging import redact
@@ -89,7 +90,7 @@ def _parse_record(value: str) -> _SessionRecord | None:
             )
             return None
         record = _record_decoder.decode(value)
-    except msgspec.DecodeError:
+    except JSON_ERRORS:
         log.warning("ignoring the stored session: it is not a session record")
         return None
     if not record.session_token:

@@ -249,7 +249,8 @@ class AuthenticatedConvexClient(Generic[SessionT]):
 
     def _emit(self, event: AuthEvent) -> None:
         log.debug("auth event %s", event.value)
-        for queue in self._listeners:
+        # A copy: a stream's finalizer (which leaves the set) may run during the loop.
+        for queue in tuple(self._listeners):
             queue.put_nowait(event)
 
     # -- the client's calls -----------------------------------------------------------------

@@ -40,6 +40,7 @@ from .._errors import (
     RequestTimeoutError,
     TransportError,
 )
+from .._json import JSON_ERRORS
 from .._logging import convex_logger as log
 from .._urls import normalize_base_url
 from .._version import __version__
@@ -289,7 +290,7 @@ def _describe(content: bytes, expected: str) -> str:
         return "an empty body"
     try:
         data = msgspec.json.decode(content)
-    except msgspec.DecodeError:
+    except JSON_ERRORS:
         return "a body that is not JSON"
     if isinstance(data, dict):
         return f"a JSON object that is not {expected}"
@@ -329,7 +330,7 @@ def _function_result(kind: str, path: str, status: int, content: bytes) -> Any:
     """The value of a function-result body, or raise its ConvexError."""
     try:
         data = msgspec.json.decode(content)
-    except msgspec.DecodeError:
+    except JSON_ERRORS:
         raise _bad_body(kind, path, status, _describe(content, _RESULT)) from None
     if not isinstance(data, dict):
         raise _bad_body(kind, path, status, _describe(content, _RESULT))
@@ -361,7 +362,7 @@ def _error_fields(content: bytes) -> tuple[str | None, str | None]:
     """The ``code`` and ``message`` of a Convex error body, when it is one."""
     try:
         data = msgspec.json.decode(content)
-    except msgspec.DecodeError:
+    except JSON_ERRORS:
         return None, None
     if not isinstance(data, dict):
         return None, None

@@ -19,6 +19,7 @@ from typing import Any, Literal
 import msgspec
 
 from .._errors import ProtocolError
+from .._json import JSON_ERRORS
 
 __all__ = [
     "INITIAL_TS",
@@ -241,13 +242,15 @@ ServerMessage = (
 _decoder = msgspec.json.Decoder(ServerMessage)
 
 # The socket loop's split of decode_server_message, one call less per frame: decode_frame
-# (raises msgspec.DecodeError, reported as decode_server_message reports it), then
+# (raises one of DecodeError, reported as decode_server_message reports it), then
 # check_server_message for anything but a Transition.
 decode_frame = _decoder.decode
-DecodeError = msgspec.DecodeError
+DecodeError = JSON_ERRORS
 
 
-def decode_error(exc: msgspec.DecodeError) -> ProtocolError:
+def decode_error(exc: Exception) -> ProtocolError:
+    if isinstance(exc, RecursionError):
+        return ProtocolError("invalid server message: JSON nested too deeply")
     return ProtocolError(f"invalid server message: {exc}")
 
 
@@ -262,6 +265,6 @@ def decode_server_message(data: bytes | str) -> ServerMessage:
     """Parse one server frame. Raises ProtocolError for anything that is not a valid message."""
     try:
         msg: ServerMessage = _decoder.decode(data)
-    except msgspec.DecodeError as exc:
+    except JSON_ERRORS as exc:
         raise decode_error(exc) from None
     return check_server_message(msg)

@@ -206,11 +206,11 @@ class QuerySet:
 
     def modify(self, modifications: list[AddQuery | RemoveQuery]) -> ModifyQuerySet:
         """Wrap modifications in the next ModifyQuerySet for the current socket."""
-        msg = ModifyQuerySet(
-            base_version=self.version, new_version=self.version + 1, modifications=modifications
-        )
-        self.version += 1
-        return msg
+        # The version is taken before anything is built: code that runs meanwhile (a
+        # finalizer) gets the next one, never the same.
+        base = self.version
+        self.version = base + 1
+        return ModifyQuerySet(base_version=base, new_version=base + 1, modifications=modifications)
 
     def restart(self) -> ModifyQuerySet:
         """The first ModifyQuerySet on a new socket: version 0 -> 1, every live query.

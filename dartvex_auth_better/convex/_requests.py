@@ -17,6 +17,7 @@ from typing import Any, Literal
 import msgspec
 
 from .._errors import ConnectionLostError, ConvexError, DartvexError, ProtocolError
+from .._json import JSON_ERRORS
 from ._protocol import ActionMsg, ActionResponse, MutationMsg, MutationResponse, decode_ts
 from ._values import decode_json, decode_raw_or_none
 
@@ -46,6 +47,10 @@ def log_function_lines(
         extra["convex_query_id"] = query_id
     for line in lines:
         function_logger.info("%s %s: %s", kind, udf_path, line, extra=extra)
+
+
+# A call's result or error that cannot be decoded, or is not a valid Convex value.
+_RESULT_ERRORS: tuple[type[Exception], ...] = (*JSON_ERRORS, DartvexError)
 
 
 @dataclass(slots=True, eq=False)
@@ -144,7 +149,7 @@ class RequestManager:
             error: DartvexError
             try:
                 error = _function_error(msg)
-            except (msgspec.DecodeError, DartvexError) as exc:
+            except _RESULT_ERRORS as exc:
                 error = exc if isinstance(exc, DartvexError) else ProtocolError(str(exc))
             del self._inflight[msg.request_id]
             _fail(request, error)
@@ -233,7 +238,7 @@ def _connection_lost(request: Request) -> ConnectionLostError:
 def _function_error(msg: MutationResponse | ActionResponse) -> ConvexError:
     try:
         decoded = msgspec.json.decode(msg.result)
-    except msgspec.DecodeError:
+    except JSON_ERRORS:
         decoded = None
     message = decoded if isinstance(decoded, str) else "function failed"
     data = decode_raw_or_none(msg.error_data)
@@ -245,7 +250,7 @@ def _succeed(request: Request, raw: msgspec.Raw | None) -> None:
         return
     try:
         value = decode_json(raw) if raw is not None else None
-    except (msgspec.DecodeError, DartvexError) as exc:
+    except _RESULT_ERRORS as exc:
         _set_exception(request.future, exc)
         return
     request.future.set_result(value)

@@ -116,9 +116,12 @@ class Subscription:
         # A subscription dropped without close() (never iterated, say) must not keep its
         # server query alive for the client's lifetime. (_query is a class attribute too:
         # an __init__ that failed leaves None here, nothing to close.)
-        if self._query is not None:
+        # A finalizer runs wherever the collector happens to run, in the middle of the
+        # core's own code too: the Remove is made on the next turn, not here.
+        query, self._query = self._query, None
+        if query is not None and self._core.terminal_error is None:
             with contextlib.suppress(Exception):
-                self.close()
+                self._core.unsubscribe_soon(query, self._waker)
 
     def close(self) -> None:
         """Unsubscribe. Idempotent.

@@ -9,6 +9,7 @@ new socket needs is rebuilt by ``restart()``).
 from __future__ import annotations
 
 import binascii
+import functools
 import time
 from collections.abc import Callable
 from typing import Any, Literal
@@ -104,11 +105,15 @@ class SyncCore:
     # -- user operations ------------------------------------------------------------------
 
     def _emit(self, frame: bytes, request_id: int | None = None) -> None:
+        """Send a frame, after the Removes still waiting (calls leave in call order)."""
+        if self._removes:
+            self._send_removes()
+        self._put(frame, request_id)
+
+    def _put(self, frame: bytes, request_id: int | None = None) -> None:
         send = self._send
         if send is None:
             return
-        if self._removes:
-            self._send_removes()
         if self.paused:
             self._held.append((frame, request_id))
         else:
@@ -167,7 +172,8 @@ class SyncCore:
             changes: list[AddQuery | RemoveQuery] = [*removes, change]
         else:
             changes = [change]
-        self._emit(encode_client_message(self.query_set.modify(changes)))
+        # _put, not _emit: this frame's version is taken, so nothing may go before it.
+        self._put(encode_client_message(self.query_set.modify(changes)))
 
     def _send_removes(self) -> None:
         """Send the Removes still waiting (at the end of the turn, or before another
@@ -177,7 +183,16 @@ class SyncCore:
             return
         self._removes = []
         if self._send is not None:
-            self._emit(encode_client_message(self.query_set.modify([*removes])))
+            self._put(encode_client_message(self.query_set.modify([*removes])))
+
+    def unsubscribe_soon(self, query: LocalQuery, waker: Any) -> None:
+        """``unsubscribe`` on the next turn: for a finalizer, which may run inside the
+        core's own code (between a frame's version and its send, say)."""
+        defer = self.defer
+        if defer is None:
+            self.unsubscribe(query, waker)
+        else:
+            defer(functools.partial(self.unsubscribe, query, waker))
 
     def request(
         self,

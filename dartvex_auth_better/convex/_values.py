@@ -31,6 +31,7 @@ from typing import Any
 import msgspec
 
 from .._errors import ProtocolError
+from .._json import JSON_ERRORS
 
 __all__ = [
     "Int64",
@@ -312,7 +313,7 @@ def decode_raw_or_none(raw: msgspec.Raw) -> Any:
         return None
     try:
         return decode_json(raw)
-    except msgspec.DecodeError as exc:
+    except JSON_ERRORS as exc:
         raise ProtocolError(f"invalid JSON value from the server: {exc}") from None
 
 

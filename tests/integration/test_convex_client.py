@@ -339,6 +339,47 @@ async def test_an_invalid_transition_makes_the_client_reconnect_and_recover():
         assert app.calls["messages:send"] == 1  # re-sent, de-duplicated by the server
 
 
+@pytest.mark.parametrize("where", ["value", "errorData", "mutation result"])
+async def test_json_nested_too_deeply_makes_the_client_reconnect_not_die(where: str):
+    # msgspec raises RecursionError (not DecodeError) past ~1,000 levels: still a bad
+    # server message, so the socket is dropped and the client carries on.
+    deep = "[" * 3000 + "1" + "]" * 3000
+    async with running() as (app, client):
+        subscription = client.subscribe("messages:list")
+        assert await subscription.next() == []
+        first = app.convex.connections[0]
+        version = '{"querySet":1,"identity":0,"ts":"AAAAAAAAAAA="}'
+        if where == "mutation result":
+            frame = (
+                '{"type":"MutationResponse","requestId":0,"success":true,"result":'
+                + deep
+                + ',"ts":"AAAAAAAAAAA=","logLines":[]}'
+            )
+        else:
+            modification = (
+                '{"type":"QueryUpdated","queryId":0,"value":' + deep + ',"logLines":[]}'
+                if where == "value"
+                else '{"type":"QueryFailed","queryId":0,"errorMessage":"x","logLines":[],'
+                '"errorData":' + deep + "}"
+            )
+            frame = (
+                '{"type":"Transition","startVersion":'
+                + version
+                + ',"endVersion":'
+                + version.replace('"querySet":1', '"querySet":2')
+                + ',"modifications":['
+                + modification
+                + "]}"
+            )
+        assert await first.send_raw(frame)
+        second = await app.convex.wait_for_connections(2)
+        await second.wait_for_frame("Connect")
+        assert second.frames[0]["lastCloseReason"] == "InvalidServerMessage"
+        await client.mutation("messages:send", {"body": "after"})
+        assert subscription.current() == ["after"]
+        assert client.connection_state is ConnectionState.CONNECTED
+
+
 async def test_transition_chunks_are_reassembled():
     async with running() as (app, client):
         app.convex.transition_chunk_size = 256  # every Transition becomes ~20+ chunks
@@ -475,6 +516,52 @@ async def test_query_after_query_sends_one_modify_query_set_each():
         await record.wait_for_frame("ModifyQuerySet", predicate=lambda f: len(removes(record)) == 5)
         assert removes(record) == added
         assert client.connection_state is ConnectionState.CONNECTED
+
+
+@pytest.mark.parametrize("then", ["mutation", "subscribe"])
+async def test_a_subscription_freed_by_the_collector_keeps_the_query_set_versions_in_order(
+    then: str,
+):
+    # Subscription.__del__ runs wherever the cyclic collector runs: inside the core too,
+    # between a ModifyQuerySet's version and its send. Its Remove must not go out there
+    # (the server would see versions out of order and end the session with FatalError).
+    # The collector is made to run at the k-th allocation after the setup, for k = 1..29.
+    async with running() as (app, client):
+        assert await client.query("echo:args", {"w": 0}) == {"w": 0}
+        saved = gc.get_threshold()
+        try:
+            for k in range(1, 30):
+                gc.disable()
+                victim: Any = client.subscribe("echo:args", {"victim": k})
+                victim.cycle = victim  # only the cyclic collector can free it
+                del victim
+                client.subscribe("echo:args", {"pending": k}).close()  # a Remove waits
+                gc.set_threshold(gc.get_count()[0] + k)
+                gc.enable()
+                try:
+                    if then == "mutation":
+                        await client.mutation("messages:send", {"body": str(k)})
+                    else:
+                        client.subscribe("echo:args", {"probe": k}).close()
+                finally:
+                    gc.set_threshold(*saved)
+                assert await client.query("echo:args", {"k": k}) == {"k": k}
+                assert client.connection_state is ConnectionState.CONNECTED, f"k={k}"
+        finally:
+            gc.set_threshold(*saved)
+            gc.enable()
+        gc.collect()
+        record = app.convex.connections[0]
+        versions = [
+            (f["baseVersion"], f["newVersion"]) for f in record.frames_of_type("ModifyQuerySet")
+        ]
+        assert versions == [(n, n + 1) for n in range(len(versions))]
+        assert len(app.convex.connections) == 1
+        # Every victim's Remove reached the server in the end.
+        added = {a["queryId"] for a in adds(record)}
+        await record.wait_for_frame(
+            "ModifyQuerySet", predicate=lambda f: set(removes(record)) == added
+        )
 
 
 async def test_function_log_lines_reach_the_function_logger_once(

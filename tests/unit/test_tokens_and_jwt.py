@@ -35,6 +35,8 @@ def test_claims_and_expiry():
     assert is_expired(token, leeway=1000)
     assert token_claims("not-a-jwt") is None
     assert token_claims("a.!!!.c") is None
+    deep = base64.urlsafe_b64encode(b"[" * 3000 + b"]" * 3000).decode()
+    assert token_claims(f"a.{deep}.c") is None  # msgspec: RecursionError, not DecodeError
     assert token_expiry(make_jwt({"exp": "soon"})) is None
     assert not is_expired(make_jwt({}))
 
