@@ -248,6 +248,7 @@ class ConvexClient:
         # owns, so the client can be closed from any task and in any order.
         loop = asyncio.get_running_loop()
         self._core.defer = loop.call_soon  # Removes wait for the end of the turn
+        self._core.defer_from_any_thread = loop.call_soon_threadsafe
         self._runner = loop.create_task(
             self._run_background(), name="dartvex_auth_better.convex.runner"
         )

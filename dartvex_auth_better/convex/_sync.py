@@ -86,6 +86,8 @@ class SyncCore:
         # the order of the calls. ``defer`` runs a callback at the end of the turn (the
         # client sets it to loop.call_soon); None sends every Remove at once.
         self.defer: Callable[[Callable[[], None]], object] | None = None
+        # The same from any thread (loop.call_soon_threadsafe): for finalizers.
+        self.defer_from_any_thread: Callable[[Callable[[], None]], object] | None = None
         self._removes: list[RemoveQuery] = []
 
     @property
@@ -186,9 +188,10 @@ class SyncCore:
             self._put(encode_client_message(self.query_set.modify([*removes])))
 
     def unsubscribe_soon(self, query: LocalQuery, waker: Any) -> None:
-        """``unsubscribe`` on the next turn: for a finalizer, which may run inside the
-        core's own code (between a frame's version and its send, say)."""
-        defer = self.defer
+        """``unsubscribe`` on the loop's next turn: for a finalizer, which may run inside
+        the core's own code (between a frame's version and its send, say), or in another
+        thread (where the last reference went)."""
+        defer = self.defer_from_any_thread
         if defer is None:
             self.unsubscribe(query, waker)
         else:

@@ -564,6 +564,30 @@ async def test_a_subscription_freed_by_the_collector_keeps_the_query_set_version
         )
 
 
+async def test_a_subscription_dropped_in_another_thread_is_still_removed():
+    # Its finalizer runs in the thread that drops the last reference; the Remove is made
+    # on the loop (in debug mode a plain call_soon from there would raise, and be lost).
+    async with running() as (app, client):
+        subscription = client.subscribe("echo:args", {"dropped": "elsewhere"})
+        assert await subscription.next() == {"dropped": "elsewhere"}
+        holder = [subscription]
+        del subscription
+        loop = asyncio.get_running_loop()
+        loop.set_debug(True)
+        try:
+            await anyio.to_thread.run_sync(holder.clear)  # __del__ runs in that thread
+        finally:
+            loop.set_debug(False)
+        record = app.convex.connections[0]
+        (added,) = adds(record)
+        await record.wait_for_frame(
+            "ModifyQuerySet",
+            predicate=lambda f: (
+                {"type": "Remove", "queryId": added["queryId"]} in f["modifications"]
+            ),
+        )
+
+
 async def test_function_log_lines_reach_the_function_logger_once(
     caplog: pytest.LogCaptureFixture,
 ):
