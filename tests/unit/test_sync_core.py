@@ -1182,14 +1182,22 @@ def modifications(frames: list[dict[str, Any]]) -> list[list[tuple[str, int]]]:
     return [[(m["type"], m["queryId"]) for m in f["modifications"]] for f in frames]
 
 
-async def test_a_remove_rides_with_an_add_made_in_the_same_turn():
+def with_a_held_remove(
+    name: str,
+) -> tuple[SyncCore, list[Callable[[], None]], Socket, LocalQuery]:
+    """A core on a socket, and a query whose Remove waits for the end of the turn."""
     core = SyncCore(SESSION)
     due = deferring(core)
     socket = Socket(core)
     socket.flush()
-    old = subscribe(core, "q:a")
+    query = subscribe(core, name)
     socket.flush()
-    core.unsubscribe(old, next(iter(old.subscribers)))
+    core.unsubscribe(query, next(iter(query.subscribers)))
+    return core, due, socket, query
+
+
+async def test_a_remove_rides_with_an_add_made_in_the_same_turn():
+    core, due, socket, old = with_a_held_remove("q:a")
     assert socket.flush() == []  # waiting for the end of the turn
     new = subscribe(core, "q:b")
     frames = socket.flush()
@@ -1217,13 +1225,7 @@ async def test_removes_alone_go_out_together_at_the_end_of_the_turn():
 
 @pytest.mark.parametrize("then", ["mutation", "action", "authenticate"])
 async def test_any_other_frame_sends_the_waiting_removes_before_it(then: str):
-    core = SyncCore(SESSION)
-    due = deferring(core)
-    socket = Socket(core)
-    socket.flush()
-    query = subscribe(core, "q:a")
-    socket.flush()
-    core.unsubscribe(query, next(iter(query.subscribers)))
+    core, due, socket, query = with_a_held_remove("q:a")
     if then == "mutation":
         mutate(core, "m:f")
     elif then == "action":
@@ -1257,13 +1259,7 @@ async def test_removes_waiting_when_the_socket_closes_are_dropped_not_sent_later
 
 
 async def test_a_pause_sends_the_waiting_removes_first_and_removes_while_paused_are_held():
-    core = SyncCore(SESSION)
-    due = deferring(core)
-    socket = Socket(core)
-    socket.flush()
-    before = subscribe(core, "q:before")
-    socket.flush()
-    core.unsubscribe(before, next(iter(before.subscribers)))
+    core, due, socket, before = with_a_held_remove("q:before")
     core.pause()
     assert modifications(socket.flush()) == [[("Remove", before.query_id)]]
     during = subscribe(core, "q:during")
