@@ -94,11 +94,6 @@ class RequestManager:
         """Drop a request whose caller went away (cancelled)."""
         self._inflight.pop(request.message.request_id, None)
 
-    def should_write(self, request_id: int) -> bool:
-        """Whether the writer should put this request's queued frame on the wire: not when
-        its caller gave up before it was written."""
-        return request_id in self._inflight
-
     def fail_unfinished(self, error: DartvexError) -> set[int]:
         """Fail every request whose outcome is not known yet (the identity it was made
         under is gone: it must not run under another one). Mutations already applied and
@@ -113,19 +108,15 @@ class RequestManager:
         return failed
 
     def claim_for_write(self, request_id: int) -> bool:
-        """``should_write`` and, when True, ``mark_sent``, with one lookup: what the
-        writer asks just before a request's frame goes on the wire."""
+        """What the writer asks just before a request's frame goes on the wire: False when
+        its caller gave up before it was written (the frame is skipped); otherwise the
+        request counts as sent from now on (a later status is kept) and True."""
         request = self._inflight.get(request_id)
         if request is None:
             return False
         if request.status == "not_sent":
             request.status = "sent"
         return True
-
-    def mark_sent(self, request_id: int) -> None:
-        request = self._inflight.get(request_id)
-        if request is not None and request.status == "not_sent":
-            request.status = "sent"
 
     def on_response(
         self, msg: MutationResponse | ActionResponse, observed_ts: int, ts: int | None = None

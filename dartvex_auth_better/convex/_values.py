@@ -255,7 +255,8 @@ def decode_json(raw: bytes | msgspec.Raw) -> Any:
     show that (ASCII only, no ``$``, no backslash escape, no DEL, no string longer than
     1024 characters), the JSON decoder's output is already the answer.
     Otherwise the freshly decoded structure, which nobody else holds, is converted in
-    place. Raises ``msgspec.DecodeError`` for text that is not JSON.
+    place. Raises ``msgspec.DecodeError`` for text that is not JSON, and RecursionError
+    for JSON nested too deeply (``JSON_ERRORS``: callers catch both).
     """
     decoded = msgspec.json.decode(raw)
     kind = type(decoded)

@@ -57,7 +57,7 @@ def outcome(request: Request) -> Any:
 
 def sent(manager: RequestManager, kind: str, path: str = "m:f") -> Request:
     request = manager.new_request(kind, path, [{}])  # type: ignore[arg-type]
-    manager.mark_sent(request.message.request_id)
+    assert manager.claim_for_write(request.message.request_id)
     return request
 
 
@@ -75,17 +75,17 @@ async def test_one_request_id_counter_shared_by_mutations_and_actions():
     ]
 
 
-async def test_mark_sent_only_moves_a_request_forward():
+async def test_claim_for_write_only_moves_a_request_forward():
     manager = RequestManager()
     request = manager.new_request("mutation", "m:f", [{}])
     assert request.status == "not_sent"
-    manager.mark_sent(0)
+    assert manager.claim_for_write(0)
     assert request.status == "sent"
     manager.on_response(ok(0, ts=9), observed_ts=0)
     assert request.status == "completed"
-    manager.mark_sent(0)  # e.g. re-sent after a reconnect
+    assert manager.claim_for_write(0)  # e.g. re-sent after a reconnect
     assert request.status == "completed"
-    manager.mark_sent(42)  # unknown: ignored
+    assert not manager.claim_for_write(42)  # unknown: not written
 
 
 async def test_starts_with_nothing_outstanding():
@@ -147,8 +147,8 @@ async def test_the_writer_skips_a_queued_frame_whose_caller_gave_up():
     kept = manager.new_request("mutation", "m:f", [{}])
     dropped = manager.new_request("mutation", "m:g", [{}])
     manager.forget(dropped)  # what SyncCore.abandon does for a request not yet written
-    assert manager.should_write(kept.message.request_id)
-    assert not manager.should_write(dropped.message.request_id)
+    assert manager.claim_for_write(kept.message.request_id)
+    assert not manager.claim_for_write(dropped.message.request_id)
     assert [m.request_id for m in manager.restart()] == [kept.message.request_id]
 
 

@@ -59,11 +59,9 @@ class Socket:
         written: list[dict[str, Any]] = []
         while self.queue:
             frame, request_id = self.queue.pop(0)
-            if request_id is not None and not self.core.requests.should_write(request_id):
+            if request_id is not None and not self.core.requests.claim_for_write(request_id):
                 continue  # the writer skips what its caller gave up on
             written.append(msgspec.json.decode(frame))
-            if request_id is not None:
-                self.core.requests.mark_sent(request_id)
         return written
 
     def close(self) -> None:
