@@ -1180,14 +1180,20 @@ def modifications(frames: list[dict[str, Any]]) -> list[list[tuple[str, int]]]:
     return [[(m["type"], m["queryId"]) for m in f["modifications"]] for f in frames]
 
 
-def with_a_held_remove(
-    name: str,
-) -> tuple[SyncCore, list[Callable[[], None]], Socket, LocalQuery]:
-    """A core on a socket, and a query whose Remove waits for the end of the turn."""
+def deferring_core_on_a_socket() -> tuple[SyncCore, list[Callable[[], None]], Socket]:
+    """A core with a ``defer`` hook, on a socket whose restart frames are flushed."""
     core = SyncCore(SESSION)
     due = deferring(core)
     socket = Socket(core)
     socket.flush()
+    return core, due, socket
+
+
+def with_a_held_remove(
+    name: str,
+) -> tuple[SyncCore, list[Callable[[], None]], Socket, LocalQuery]:
+    """A core on a socket, and a query whose Remove waits for the end of the turn."""
+    core, due, socket = deferring_core_on_a_socket()
     query = subscribe(core, name)
     socket.flush()
     core.unsubscribe(query, next(iter(query.subscribers)))
@@ -1206,10 +1212,7 @@ async def test_a_remove_rides_with_an_add_made_in_the_same_turn():
 
 
 async def test_removes_alone_go_out_together_at_the_end_of_the_turn():
-    core = SyncCore(SESSION)
-    due = deferring(core)
-    socket = Socket(core)
-    socket.flush()
+    core, due, socket = deferring_core_on_a_socket()
     a, b = subscribe(core, "q:a"), subscribe(core, "q:b")
     socket.flush()
     core.unsubscribe(a, next(iter(a.subscribers)))
@@ -1240,10 +1243,7 @@ async def test_any_other_frame_sends_the_waiting_removes_before_it(then: str):
 
 
 async def test_removes_waiting_when_the_socket_closes_are_dropped_not_sent_later():
-    core = SyncCore(SESSION)
-    due = deferring(core)
-    socket = Socket(core)
-    socket.flush()
+    core, due, socket = deferring_core_on_a_socket()
     gone, kept = subscribe(core, "q:gone"), subscribe(core, "q:kept")
     socket.flush()
     core.unsubscribe(gone, next(iter(gone.subscribers)))
